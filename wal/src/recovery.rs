@@ -1,0 +1,415 @@
+//! Opening a WAL directory: read the hard state, scan every segment, tell a torn tail from
+//! corruption, and rebuild the index. docs/wal-format.md gives the algorithm and the crash
+//! argument; this file follows it step by step.
+//!
+//! Recovery writes nothing but deletions of files it has proven obsolete (and, on a fresh
+//! directory, the hard-state file), so a crash during recovery leaves a state that recovers to
+//! the same log.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::{
+    FRAME_ALIGN, FRAME_HEADER_BYTES, FrameHeader, META_SLOT_BYTES, META_SLOT_STRIDE, MetaSlot,
+    SEGMENT_HEADER_BYTES, SegmentHeader,
+};
+use crate::segment::{LogView, SegmentIndex, parse_segment_name};
+use crate::storage::{Storage, StorageFile};
+use crate::types::{HardState, LogIndex, Term};
+
+pub(crate) const META_FILE: &str = "meta";
+pub(crate) const META_TMP_FILE: &str = "meta.tmp";
+
+/// A tail cut at recovery: damage after which only frames of the same, unsynced write group
+/// (or nothing) follow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// Segment file name.
+    pub segment: String,
+    /// Offset of the first byte discarded.
+    pub offset: u64,
+    /// What was found there.
+    pub reason: String,
+}
+
+/// What `open` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// First readable index.
+    pub first_index: LogIndex,
+    /// Last durable index (`first_index - 1` when the log is empty).
+    pub last_index: LogIndex,
+    /// The recovered hard state.
+    pub hard_state: HardState,
+    /// The torn tail that was cut, if there was one.
+    pub torn_tail: Option<TornTail>,
+    /// Segment files in use.
+    pub segments: usize,
+    /// Files removed as obsolete (superseded, compacted, or a segment whose creation was torn).
+    pub removed: Vec<String>,
+}
+
+pub(crate) struct Recovered {
+    pub(crate) view: LogView,
+    pub(crate) meta: MetaSlot,
+    pub(crate) meta_file: Arc<dyn StorageFile>,
+    /// Where the last segment can take more frames, if it ended cleanly.
+    pub(crate) append_at: Option<u64>,
+    pub(crate) next_segment_id: u64,
+    /// `header_crc` of the last entry (0 when unknown).
+    pub(crate) last_crc: u32,
+    pub(crate) report: RecoveryReport,
+}
+
+fn corrupt(segment: &str, offset: u64, reason: impl Into<String>) -> Error {
+    Error::Corrupt { segment: segment.to_string(), offset, reason: reason.into() }
+}
+
+/// Reads the hard-state file, creating it in a fresh directory.
+fn recover_meta(
+    storage: &dyn Storage,
+    names: &[String],
+    has_segments: bool,
+    removed: &mut Vec<String>,
+) -> Result<(MetaSlot, Arc<dyn StorageFile>)> {
+    if names.iter().any(|n| n == META_TMP_FILE) {
+        // A creation that did not reach its rename; the real file, if any, is intact.
+        storage.remove(META_TMP_FILE).map_err(Error::io("remove meta.tmp"))?;
+        storage.sync_dir().map_err(Error::io("sync dir"))?;
+        removed.push(META_TMP_FILE.into());
+    }
+    if !names.iter().any(|n| n == META_FILE) {
+        if has_segments {
+            return Err(corrupt(META_FILE, 0, "hard-state file missing while segments exist"));
+        }
+        let slot = MetaSlot { seq: 1, first_index: LogIndex(1), ..MetaSlot::default() };
+        let tmp = storage.create(META_TMP_FILE).map_err(Error::io("create meta"))?;
+        let mut bytes = vec![0u8; 2 * META_SLOT_STRIDE as usize];
+        // Slot `seq % 2`, as every later save does, so the next save goes to the other slot.
+        let at = ((slot.seq % 2) * META_SLOT_STRIDE) as usize;
+        bytes[at..at + META_SLOT_BYTES].copy_from_slice(&slot.encode());
+        tmp.write_at(&bytes, 0).map_err(Error::io("write meta"))?;
+        tmp.sync_data().map_err(Error::io("sync meta"))?;
+        storage.rename(META_TMP_FILE, META_FILE).map_err(Error::io("rename meta"))?;
+        storage.sync_dir().map_err(Error::io("sync dir"))?;
+        let file = storage.open(META_FILE).map_err(Error::io("open meta"))?;
+        return Ok((slot, file));
+    }
+    let file = storage.open(META_FILE).map_err(Error::io("open meta"))?;
+    let mut bytes = vec![0u8; 2 * META_SLOT_STRIDE as usize];
+    file.read_at(&mut bytes, 0).map_err(Error::io("read meta"))?;
+    let slots = [0u64, 1].map(|i| {
+        let at = (i * META_SLOT_STRIDE) as usize;
+        MetaSlot::decode(&bytes[at..at + META_SLOT_BYTES])
+    });
+    let best = slots.into_iter().flatten().max_by_key(|s| s.seq);
+    match best {
+        Some(slot) if slot.first_index.get() >= 1 => Ok((slot, file)),
+        Some(_) => Err(corrupt(META_FILE, 0, "hard-state slot with first index 0")),
+        None => Err(corrupt(META_FILE, 0, "neither hard-state slot verifies")),
+    }
+}
+
+/// The result of scanning one segment's frames front to back.
+struct Scan {
+    offsets: Vec<u32>,
+    last_term: Term,
+    last_crc: u32,
+    /// Offset just past the last valid frame.
+    end: u64,
+    /// Set when the scan stopped on something other than zeros to the end of the segment.
+    damage: Option<(u64, String)>,
+}
+
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Scans frames from the segment header on. `prev` is the (crc, term) of the entry before
+/// `first_index`, when the log holds it.
+fn scan_segment(bytes: &[u8], first_index: LogIndex, prev: Option<(u32, Term)>) -> Scan {
+    let mut scan = Scan {
+        offsets: Vec::new(),
+        last_term: prev.map_or(Term(0), |p| p.1),
+        last_crc: prev.map_or(0, |p| p.0),
+        end: SEGMENT_HEADER_BYTES,
+        damage: None,
+    };
+    let mut chain_known = prev.is_some();
+    let mut pos = SEGMENT_HEADER_BYTES as usize;
+    loop {
+        let expected = LogIndex(first_index.get() + scan.offsets.len() as u64);
+        let rest = &bytes[pos.min(bytes.len())..];
+        if rest.len() < FRAME_HEADER_BYTES as usize {
+            if !all_zero(rest) {
+                scan.damage = Some((pos as u64, "partial frame header at end of segment".into()));
+            }
+            return scan;
+        }
+        let reason = match FrameHeader::decode(rest) {
+            None if all_zero(rest) => return scan,
+            None => "frame header checksum mismatch or frame overruns the segment".to_string(),
+            Some(h) if h.index != expected => {
+                format!("frame holds index {} where index {expected} belongs", h.index)
+            }
+            Some(h) if chain_known && h.prev_crc != scan.last_crc => {
+                format!("chain broken at index {expected}: previous-frame checksum differs")
+            }
+            Some(h) if h.term < scan.last_term => {
+                format!("term regresses at index {expected}")
+            }
+            Some(h) if !h.verify_body(rest) => {
+                format!("payload checksum mismatch at index {expected}")
+            }
+            Some(h) => {
+                scan.offsets.push(u32::try_from(pos).expect("segments are below 4 GiB"));
+                scan.last_term = h.term;
+                scan.last_crc = h.header_crc;
+                chain_known = true;
+                pos += h.frame_bytes() as usize;
+                scan.end = pos as u64;
+                continue;
+            }
+        };
+        scan.damage = Some((pos as u64, reason));
+        return scan;
+    }
+}
+
+/// Looks past damage at `from` (where index `damaged_index` belonged) for a valid frame of a
+/// later write group. Such a frame was written only after the damaged group's sync returned,
+/// so the damage hit synced data: corruption. Frames of the damaged group itself prove nothing:
+/// an unsynced group may reach the disk in any order of blocks.
+fn later_group_after(bytes: &[u8], from: u64, damaged_index: LogIndex) -> Option<u64> {
+    let mut pos = from as usize + FRAME_ALIGN as usize;
+    while pos + FRAME_HEADER_BYTES as usize <= bytes.len() {
+        let rest = &bytes[pos..];
+        if !all_zero(&rest[..FRAME_HEADER_BYTES as usize])
+            && let Some(h) = FrameHeader::decode(rest)
+            && h.group_first_index > damaged_index
+            && h.verify_body(rest)
+        {
+            return Some(pos as u64);
+        }
+        pos += FRAME_ALIGN as usize;
+    }
+    None
+}
+
+struct Opened {
+    id: u64,
+    name: String,
+    file: Arc<dyn StorageFile>,
+    map: Arc<dyn crate::storage::Mapping>,
+}
+
+/// Recovers the log in `storage`.
+pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
+    let names = storage.list().map_err(Error::io("list dir"))?;
+    let mut removed = Vec::new();
+    let mut seg_ids: Vec<(u64, String)> =
+        names.iter().filter_map(|n| parse_segment_name(n).map(|id| (id, n.clone()))).collect();
+    seg_ids.sort();
+    let (meta, meta_file) = recover_meta(storage, &names, !seg_ids.is_empty(), &mut removed)?;
+
+    let mut opened = Vec::with_capacity(seg_ids.len());
+    for (id, name) in &seg_ids {
+        let file = storage.open(name).map_err(Error::io("open segment"))?;
+        let map = file.map().map_err(Error::io("map segment"))?;
+        opened.push(Opened { id: *id, name: name.clone(), file, map });
+    }
+
+    // A last segment whose header never became durable is a creation torn by a crash, provided
+    // no frame was ever written behind it.
+    if let Some(last) = opened.last()
+        && let Err(reason) = SegmentHeader::decode(last.map.bytes())
+    {
+        if later_group_after(last.map.bytes(), SEGMENT_HEADER_BYTES - FRAME_ALIGN, LogIndex(0))
+            .is_some()
+        {
+            return Err(corrupt(&last.name, 0, reason));
+        }
+        let last = opened.pop().expect("checked non-empty");
+        storage.remove(&last.name).map_err(Error::io("remove torn segment"))?;
+        storage.sync_dir().map_err(Error::io("sync dir"))?;
+        removed.push(last.name);
+    }
+
+    // Decode every header up front. A segment wholly superseded by a later one (a later
+    // segment starts at or below its first index) is obsolete whatever it holds: a truncation
+    // removes several such segments and a crash may keep any subset of those removals.
+    let mut headers = Vec::with_capacity(opened.len());
+    for seg in &opened {
+        let header =
+            SegmentHeader::decode(seg.map.bytes()).map_err(|r| corrupt(&seg.name, 0, r))?;
+        if header.segment_id != seg.id {
+            return Err(corrupt(&seg.name, 0, "segment header names another segment id"));
+        }
+        headers.push(header);
+    }
+    let mut obsolete: Vec<String> = Vec::new();
+    let mut later_min = LogIndex(u64::MAX);
+    let mut superseded = vec![false; opened.len()];
+    for i in (0..opened.len()).rev() {
+        superseded[i] = later_min <= headers[i].first_index;
+        later_min = later_min.min(headers[i].first_index);
+    }
+    let mut kept = Vec::with_capacity(opened.len());
+    for ((seg, header), gone) in opened.into_iter().zip(headers).zip(superseded) {
+        if gone {
+            obsolete.push(seg.name);
+        } else {
+            kept.push((seg, header));
+        }
+    }
+
+    // Likewise, segments wholly below the first index were compacted (any subset of their
+    // removals may have been lost); never the last one.
+    let compacted = kept.windows(2).take_while(|w| w[1].1.first_index <= meta.first_index).count();
+    obsolete.extend(kept.drain(..compacted).map(|(seg, _)| seg.name));
+
+    let mut view = LogView {
+        first_index: meta.first_index,
+        first_prev_term: meta.first_prev_term,
+        last_index: meta.first_index.prev(),
+        last_term: meta.first_prev_term,
+        segments: Vec::new(),
+    };
+    let mut torn_tail = None;
+    let mut append_at = None;
+    // Damage inside a sealed segment. It is corruption unless a later segment supersedes the
+    // index it hit: (segment, offset, index it hit, reason).
+    let mut pending_damage: Option<(String, u64, LogIndex, String)> = None;
+    let count = kept.len();
+    for (i, (seg, header)) in kept.into_iter().enumerate() {
+        let is_last = i + 1 == count;
+        let first = header.first_index;
+        if let Some((name, offset, index, reason)) = pending_damage.take()
+            && index < first
+        {
+            return Err(corrupt(&name, offset, reason));
+        }
+        if !view.segments.is_empty() && first > view.last_index.next() {
+            return Err(corrupt(
+                &seg.name,
+                0,
+                format!(
+                    "segment starts at {first} but the log before it ends at {}",
+                    view.last_index
+                ),
+            ));
+        }
+        // Entries from `first` on in earlier segments are superseded by this one: this is how
+        // a suffix truncation was made durable.
+        for s in view.segments.iter_mut() {
+            if s.end_index() > first {
+                let keep = first.get().saturating_sub(s.first_index.get());
+                s.offsets.truncate(usize::try_from(keep).expect("fits: below offsets.len()"));
+            }
+        }
+        view.segments.retain(|s| {
+            let superseded = s.first_index >= first;
+            if superseded {
+                obsolete.push(s.name.clone());
+            }
+            !superseded
+        });
+        let prev = match view.locate(first.prev()) {
+            Some(_) if first.get() > 1 => {
+                let h = view.header(first.prev())?;
+                Some((h.header_crc, h.term))
+            }
+            _ => None,
+        };
+        let scan = scan_segment(seg.map.bytes(), first, prev);
+        let seg_end = LogIndex(first.get() + scan.offsets.len() as u64);
+        view.last_index = seg_end.prev();
+        view.last_term = if scan.offsets.is_empty() {
+            prev.map_or(view.first_prev_term, |p| p.1)
+        } else {
+            scan.last_term
+        };
+        match scan.damage {
+            None if is_last => append_at = Some(scan.end),
+            None => {}
+            Some((offset, reason)) if is_last => {
+                if let Some(at) = later_group_after(seg.map.bytes(), offset, seg_end) {
+                    return Err(corrupt(
+                        &seg.name,
+                        offset,
+                        format!("{reason}; a frame of a later write group follows at offset {at}"),
+                    ));
+                }
+                torn_tail = Some(TornTail { segment: seg.name.clone(), offset, reason });
+            }
+            Some((offset, reason)) => {
+                pending_damage = Some((seg.name.clone(), offset, seg_end, reason));
+            }
+        }
+        view.segments.push(SegmentIndex {
+            id: seg.id,
+            name: seg.name,
+            first_index: first,
+            file: seg.file,
+            map: seg.map,
+            offsets: scan.offsets,
+        });
+    }
+
+    // The segments must hold every index from the first readable one to the last.
+    match view.segments.first() {
+        None => {
+            view.last_index = view.first_index.prev();
+            view.last_term = view.first_prev_term;
+        }
+        Some(s) if s.first_index > view.first_index => {
+            return Err(corrupt(
+                &s.name,
+                0,
+                format!(
+                    "log starts at {} but the hard state says {}",
+                    s.first_index, view.first_index
+                ),
+            ));
+        }
+        Some(_) if view.last_index.next() < view.first_index => {
+            return Err(corrupt(
+                META_FILE,
+                0,
+                format!(
+                    "log ends at {} below its first index {}",
+                    view.last_index, view.first_index
+                ),
+            ));
+        }
+        Some(_) if view.last_index.next() == view.first_index => {
+            view.last_term = view.first_prev_term;
+        }
+        Some(_) => {}
+    }
+    if !obsolete.is_empty() {
+        for name in &obsolete {
+            match storage.remove(name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::Io { op: "remove obsolete segment", source: e }),
+            }
+        }
+        storage.sync_dir().map_err(Error::io("sync dir"))?;
+        removed.extend(obsolete);
+    }
+    let last_crc = match view.locate(view.last_index) {
+        Some(_) => view.header(view.last_index)?.header_crc,
+        None => 0,
+    };
+    let next_segment_id = seg_ids.last().map_or(1, |(id, _)| id + 1);
+    let report = RecoveryReport {
+        first_index: view.first_index,
+        last_index: view.last_index,
+        hard_state: meta.hard_state,
+        torn_tail,
+        segments: view.segments.len(),
+        removed,
+    };
+    Ok(Recovered { view, meta, meta_file, append_at, next_segment_id, last_crc, report })
+}
