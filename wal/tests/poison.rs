@@ -1,0 +1,76 @@
+//! A failed write or fsync poisons the WAL: nothing is acknowledged after it, and every later
+//! call fails with `Poisoned`. The failed fsync is never retried.
+
+use std::sync::Arc;
+
+use raftwal_wal::fault::FaultStorage;
+use raftwal_wal::{Entry, Error, HardState, LogIndex, Options, Term, Wal};
+
+fn entry(index: u64, payload: &[u8]) -> Entry<'_> {
+    Entry { term: Term(1), index: LogIndex(index), payload }
+}
+
+fn open(storage: &FaultStorage) -> Wal {
+    Wal::open_with(Arc::new(storage.clone()), Options::default()).expect("open")
+}
+
+#[test]
+fn failed_fsync_poisons_and_acknowledges_nothing_after() {
+    let storage = FaultStorage::new();
+    let wal = open(&storage);
+    wal.append(&[entry(1, b"a")]).expect("first append");
+    // Two submissions share one group; its sync fails.
+    let t2 = wal.submit(&[entry(2, b"b")]).expect("submit");
+    let t3 = wal.submit(&[entry(3, b"c")]).expect("submit");
+    storage.fail_sync_after(0);
+    let leader = wal.wait(t3);
+    assert!(matches!(leader, Err(Error::Io { .. })), "leader sees the IO error: {leader:?}");
+    assert!(matches!(wal.wait(t2), Err(Error::Poisoned)), "the other waiter is not acknowledged");
+    assert!(wal.is_poisoned());
+    assert_eq!(wal.last_index(), LogIndex(1), "nothing after the failure is visible");
+    assert!(matches!(wal.submit(&[entry(4, b"d")]), Err(Error::Poisoned)));
+    assert!(matches!(wal.append(&[entry(4, b"d")]), Err(Error::Poisoned)));
+    assert!(matches!(
+        wal.save_hard_state(HardState { term: Term(2), ..HardState::default() }),
+        Err(Error::Poisoned)
+    ));
+    assert!(matches!(wal.truncate_suffix(LogIndex(1)), Err(Error::Poisoned)));
+    assert!(matches!(wal.compact_prefix(LogIndex(2)), Err(Error::Poisoned)));
+    assert!(matches!(wal.flush(), Err(Error::Poisoned)));
+    // Reads of what was durable before still work.
+    assert_eq!(wal.entry(LogIndex(1)).expect("read").payload(), b"a");
+}
+
+#[test]
+fn failed_write_poisons() {
+    let storage = FaultStorage::new();
+    let wal = open(&storage);
+    storage.fail_write_after(0);
+    assert!(matches!(wal.append(&[entry(1, b"a")]), Err(Error::Io { .. })));
+    assert!(matches!(wal.append(&[entry(1, b"a")]), Err(Error::Poisoned)));
+    assert_eq!(wal.last_index(), LogIndex(0));
+}
+
+#[test]
+fn failed_hard_state_sync_poisons() {
+    let storage = FaultStorage::new();
+    let wal = open(&storage);
+    storage.fail_sync_after(0);
+    let hs = HardState { term: Term(3), ..HardState::default() };
+    assert!(matches!(wal.save_hard_state(hs), Err(Error::Io { .. })));
+    assert_eq!(wal.hard_state(), HardState::default(), "the failed save is not reported as saved");
+    assert!(matches!(wal.append(&[entry(1, b"a")]), Err(Error::Poisoned)));
+}
+
+#[test]
+fn reopening_after_poison_recovers_the_acknowledged_prefix() {
+    let storage = FaultStorage::new();
+    let wal = open(&storage);
+    wal.append(&[entry(1, b"a"), entry(2, b"b")]).expect("append");
+    storage.fail_sync_after(0);
+    assert!(wal.append(&[entry(3, b"c")]).is_err());
+    drop(wal);
+    let wal = open(&storage);
+    assert!(wal.last_index() >= LogIndex(2));
+    assert_eq!(wal.entry(LogIndex(2)).expect("read").payload(), b"b");
+}
