@@ -32,4 +32,4 @@ pub use format::{
 pub use recovery::{RecoveryReport, TornTail};
 pub use segment::Record;
 pub use types::{Entry, HardState, LogIndex, NodeId, Term};
-pub use wal::{Durability, Options, Ticket, Wal};
+pub use wal::{Durability, Options, Ticket, Wal, WalStats};

@@ -251,3 +251,59 @@ fn appends_that_do_not_continue_the_log_are_refused() {
         Err(Error::TermRegression { .. })
     ));
 }
+
+#[test]
+fn sixty_four_appenders_with_flushers_and_readers_all_complete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Arc::new(Wal::open(dir.path(), opts()).expect("open"));
+    let next = Arc::new(Mutex::new(1u64));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let helpers: Vec<_> = (0..2)
+        .map(|k| {
+            let (wal, stop) = (wal.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if k == 0 {
+                        wal.flush().expect("flush");
+                    } else {
+                        let last = wal.last_index();
+                        if last >= LogIndex(1) {
+                            let r = wal.entry(last).expect("read the last durable entry");
+                            assert_eq!(r.payload(), payload(last.get(), 64).as_slice());
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let appenders: Vec<_> = (0..64)
+        .map(|_| {
+            let (wal, next) = (wal.clone(), next.clone());
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    let ticket = {
+                        let mut n = next.lock().expect("lock");
+                        let p = payload(*n, 64);
+                        let t = wal
+                            .submit(&[Entry { term: Term(1), index: LogIndex(*n), payload: &p }])
+                            .expect("submit");
+                        *n += 1;
+                        t
+                    };
+                    wal.wait(ticket).expect("wait");
+                }
+            })
+        })
+        .collect();
+    for t in appenders {
+        t.join().expect("appender");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in helpers {
+        t.join().expect("helper");
+    }
+    assert_eq!(wal.last_index(), LogIndex(64 * 50));
+    let stats = wal.stats();
+    assert_eq!(stats.entries, 64 * 50);
+    assert!(stats.groups < stats.entries, "some groups held more than one append");
+}
