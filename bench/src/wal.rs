@@ -30,6 +30,9 @@ pub(crate) struct Args {
     /// Skip fdatasync (UNSAFE: loses acknowledged appends on power loss; figures say so).
     #[arg(long)]
     unsafe_no_sync: bool,
+    /// Prepare segments on a background thread (zero-filled ahead; see ARCHITECTURE.md).
+    #[arg(long)]
+    prepare_segments: bool,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -39,6 +42,7 @@ pub(crate) struct Args {
 struct Row {
     writers: usize,
     durability: &'static str,
+    prepare_segments: bool,
     record_bytes: usize,
     seconds: f64,
     records_per_s: f64,
@@ -78,6 +82,7 @@ fn run_wal(dir: &Path, writers: usize, args: &Args) -> anyhow::Result<WalRun> {
     let _ = std::fs::remove_dir_all(dir);
     let opts = Options {
         durability: if args.unsafe_no_sync { Durability::UnsafeNoSync } else { Durability::Sync },
+        prepare_segments: args.prepare_segments,
         ..Options::default()
     };
     let wal = Arc::new(Wal::open(dir, opts).context("open wal")?);
@@ -168,9 +173,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let durability = if args.unsafe_no_sync { "UNSAFE-no-fsync" } else { "fsync" };
     if !args.json {
         println!(
-            "raftwal-bench wal: {} B records, {:.1} s per run, durability {durability}, dir {}",
+            "raftwal-bench wal: {} B records, {:.1} s per run, durability {durability}, prepared segments {}, dir {}",
             args.record_bytes,
             args.seconds,
+            args.prepare_segments,
             args.dir.display()
         );
         println!(
@@ -192,6 +198,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         let row = Row {
             writers,
             durability,
+            prepare_segments: args.prepare_segments,
             record_bytes: args.record_bytes,
             seconds: secs,
             records_per_s: w.records as f64 / secs,

@@ -19,6 +19,7 @@ mod error;
 pub mod fault;
 mod format;
 mod metrics;
+mod prepare;
 mod recovery;
 mod segment;
 pub mod storage;

@@ -13,6 +13,7 @@ use crate::format::{
     FRAME_ALIGN, FRAME_HEADER_BYTES, FrameHeader, META_SLOT_BYTES, META_SLOT_STRIDE, MetaSlot,
     SEGMENT_HEADER_BYTES, SegmentHeader,
 };
+use crate::prepare::{PREP_PREFIX, PREP_SUFFIX};
 use crate::segment::{LogView, SegmentIndex, parse_segment_name};
 use crate::storage::{Storage, StorageFile};
 use crate::types::{HardState, LogIndex, Term};
@@ -211,6 +212,16 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         names.iter().filter_map(|n| parse_segment_name(n).map(|id| (id, n.clone()))).collect();
     seg_ids.sort();
     let (meta, meta_file) = recover_meta(storage, &names, !seg_ids.is_empty(), &mut removed)?;
+    // Prepared segments that were never renamed into place hold no frames.
+    let unused: Vec<&String> =
+        names.iter().filter(|n| n.starts_with(PREP_PREFIX) && n.ends_with(PREP_SUFFIX)).collect();
+    for name in &unused {
+        storage.remove(name).map_err(Error::io("remove unused prepared segment"))?;
+        removed.push((*name).clone());
+    }
+    if !unused.is_empty() {
+        storage.sync_dir().map_err(Error::io("sync dir"))?;
+    }
 
     let mut opened = Vec::with_capacity(seg_ids.len());
     for (id, name) in &seg_ids {

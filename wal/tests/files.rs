@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use raftwal_wal::{Entry, Error, HardState, LogIndex, NodeId, Options, Term, Wal};
 
+/// Real files exercise the prepared-segment path (off by default).
 fn opts() -> Options {
     Options {
         segment_bytes: 64 << 10,
         record_bytes_max: 16 << 10,
         group_bytes_max: 64 << 10,
+        prepare_segments: true,
         ..Options::default()
     }
 }
@@ -42,7 +44,12 @@ fn append_range(wal: &Wal, range: std::ops::Range<u64>, len: usize) {
 fn segments_roll_over_are_preallocated_and_survive_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Wal::open(dir.path(), opts()).expect("open");
-    append_range(&wal, 1..301, 1000);
+    // About one segment's worth at a time, with a pause so the background preparer (which
+    // races the writer) has the next segment ready on a loaded machine too.
+    for start in (1..301).step_by(50) {
+        append_range(&wal, start..start + 50, 1000);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let segs = segments(dir.path());
     assert!(segs.len() >= 5, "rolled over into {} segments", segs.len());
     for s in &segs {
@@ -50,7 +57,18 @@ fn segments_roll_over_are_preallocated_and_survive_reopen() {
         assert_eq!(md.len(), 64 << 10, "segment has its full size");
         assert!(md.blocks() * 512 >= 64 << 10, "segment blocks are allocated, not a hole");
     }
+    assert!(
+        wal.stats().segments_prepared > 0,
+        "rollover used prepared segments: {:?}",
+        wal.stats()
+    );
     drop(wal);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8 name"))
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "an unused prepared segment was left behind: {leftovers:?}");
     let wal = Wal::open(dir.path(), opts()).expect("reopen");
     assert_eq!((wal.first_index(), wal.last_index()), (LogIndex(1), LogIndex(300)));
     assert!(wal.recovery().torn_tail.is_none());
