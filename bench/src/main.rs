@@ -2,10 +2,12 @@
 //!
 //! Each mode measures raftwal and, in the same run, a baseline that shows what the hardware
 //! allows, so every figure comes with the ratio that says how close raftwal gets.
-//! Modes: `wal` (the write-ahead log against raw `pwrite` + `fdatasync`).
+//! Modes: `wal` (the write-ahead log against raw `pwrite` + `fdatasync`), `fsync` (what a sync
+//! costs into fallocated vs pre-written blocks).
 
 #![forbid(unsafe_code)]
 
+mod fsync;
 mod wal;
 
 use clap::{Parser, Subcommand};
@@ -21,10 +23,13 @@ struct Cli {
 enum Mode {
     /// Append to the WAL from 1, 8 and 64 writers; compare with raw pwrite + fdatasync.
     Wal(wal::Args),
+    /// fdatasync cost into fallocated-only vs pre-written blocks.
+    Fsync(fsync::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
         Mode::Wal(args) => wal::run(&args),
+        Mode::Fsync(args) => fsync::run(&args),
     }
 }

@@ -3,11 +3,10 @@
 //!
 //! Why: `fdatasync` after writing into blocks that `fallocate` reserved but never wrote must
 //! also commit the extent conversion through the filesystem journal; into blocks already
-//! written it is a pure data flush. Measured on this machine (32 KiB writes, ext4):
-//! fdatasync p50 195-219 µs into fallocated blocks, 123-146 µs into pre-written ones, and
-//! still 156 µs vs 230 µs with a zero-fill running beside it. But the zero-fill doubles the
-//! bytes written, and its writeback delays the writer's syncs: at 64 appenders the tails grew
-//! more than throughput did, so this is off by default (ARCHITECTURE.md has the figures).
+//! written it is a pure data flush: `raftwal-bench fsync` measured p50 ~200 µs vs ~122 µs for
+//! 32 KiB writes here. But the zero-fill doubles the bytes written, and its writeback delays the
+//! writer's syncs: at 64 appenders the tails grew more than throughput did, so this is off by
+//! default (ARCHITECTURE.md has the figures).
 //!
 //! A prepared file is a temporary (`prep-N.tmp`) until the writer stamps its header, syncs it
 //! and renames it into place; recovery deletes any temporary left by a crash. Preparation

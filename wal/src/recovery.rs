@@ -129,6 +129,9 @@ fn all_zero(b: &[u8]) -> bool {
 /// Scans frames from the segment header on. `prev` is the (crc, term) of the entry before
 /// `first_index`, when the log holds it.
 fn scan_segment(bytes: &[u8], first_index: LogIndex, prev: Option<(u32, Term)>) -> Scan {
+    // Segments are at most 4 GiB (`Options::validate`); a larger file on disk is looked at
+    // only that far, so every frame offset fits the index's u32.
+    let bytes = &bytes[..bytes.len().min(u32::MAX as usize)];
     let mut scan = Scan {
         offsets: Vec::new(),
         last_term: prev.map_or(Term(0), |p| p.1),
