@@ -213,20 +213,23 @@ fn damage_under_a_live_map_is_never_served() {
     );
 }
 
-#[test]
-fn concurrent_appenders_share_groups_and_keep_order() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let wal = Arc::new(Wal::open(dir.path(), opts()).expect("open"));
-    // Indexes are handed out under a lock that also covers `submit`, as a Raft driver would.
+/// Starts `threads` appenders of `per_thread` records each. Indexes are handed out under a lock
+/// that also covers `submit`, as a Raft driver would; each thread then waits for its ticket.
+fn spawn_appenders(
+    wal: &Arc<Wal>,
+    threads: usize,
+    per_thread: usize,
+    payload_len: usize,
+) -> Vec<std::thread::JoinHandle<()>> {
     let next = Arc::new(Mutex::new(1u64));
-    let threads: Vec<_> = (0..16)
+    (0..threads)
         .map(|_| {
             let (wal, next) = (wal.clone(), next.clone());
             std::thread::spawn(move || {
-                for _ in 0..100 {
+                for _ in 0..per_thread {
                     let ticket = {
                         let mut n = next.lock().expect("lock");
-                        let p = payload(*n, 200);
+                        let p = payload(*n, payload_len);
                         let t = wal
                             .submit(&[Entry { term: Term(1), index: LogIndex(*n), payload: &p }])
                             .expect("submit");
@@ -237,8 +240,14 @@ fn concurrent_appenders_share_groups_and_keep_order() {
                 }
             })
         })
-        .collect();
-    for t in threads {
+        .collect()
+}
+
+#[test]
+fn concurrent_appenders_share_groups_and_keep_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Arc::new(Wal::open(dir.path(), opts()).expect("open"));
+    for t in spawn_appenders(&wal, 16, 100, 200) {
         t.join().expect("appender thread");
     }
     assert_eq!(wal.last_index(), LogIndex(1600));
@@ -274,7 +283,6 @@ fn appends_that_do_not_continue_the_log_are_refused() {
 fn sixty_four_appenders_with_flushers_and_readers_all_complete() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Arc::new(Wal::open(dir.path(), opts()).expect("open"));
-    let next = Arc::new(Mutex::new(1u64));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let helpers: Vec<_> = (0..2)
         .map(|k| {
@@ -294,25 +302,7 @@ fn sixty_four_appenders_with_flushers_and_readers_all_complete() {
             })
         })
         .collect();
-    let appenders: Vec<_> = (0..64)
-        .map(|_| {
-            let (wal, next) = (wal.clone(), next.clone());
-            std::thread::spawn(move || {
-                for _ in 0..50 {
-                    let ticket = {
-                        let mut n = next.lock().expect("lock");
-                        let p = payload(*n, 64);
-                        let t = wal
-                            .submit(&[Entry { term: Term(1), index: LogIndex(*n), payload: &p }])
-                            .expect("submit");
-                        *n += 1;
-                        t
-                    };
-                    wal.wait(ticket).expect("wait");
-                }
-            })
-        })
-        .collect();
+    let appenders = spawn_appenders(&wal, 64, 50, 64);
     for t in appenders {
         t.join().expect("appender");
     }
