@@ -96,6 +96,14 @@ pub enum Error {
         /// The last durable index.
         last: LogIndex,
     },
+    /// A truncation that would remove committed entries (a caller bug under Raft).
+    #[error("truncating from index {from} would remove committed entries (commit is {commit})")]
+    TruncateCommitted {
+        /// The truncation point asked for.
+        from: LogIndex,
+        /// The committed index.
+        commit: LogIndex,
+    },
     /// Options that cannot work together.
     #[error("invalid wal options: {0}")]
     InvalidOptions(String),

@@ -110,6 +110,13 @@ impl CrashPoint<'_> {
     pub fn image(&self, spec: CrashSpec) -> FaultStorage {
         self.fs.crash_image(spec)
     }
+
+    /// What a process crash (the machine stays up) at this point leaves: every write is still
+    /// readable from the page cache but only what was synced is durable. A later
+    /// [`FaultStorage::crash_image`] of it models a power loss after the restart.
+    pub fn process_crash_image(&self) -> FaultStorage {
+        self.fs.process_crash_image()
+    }
 }
 
 /// A small deterministic generator (splitmix64), so the crash model needs no dependency.
@@ -197,6 +204,18 @@ impl SimFs {
             names: names.clone(),
             durable_names: names,
             files,
+            ..SimFs::default()
+        };
+        FaultStorage { fs: Arc::new(Mutex::new(fs)) }
+    }
+
+    fn process_crash_image(&self) -> FaultStorage {
+        let fs = SimFs {
+            next_id: self.next_id,
+            names: self.names.clone(),
+            durable_names: self.durable_names.clone(),
+            pending: self.pending.clone(),
+            files: self.files.clone(),
             ..SimFs::default()
         };
         FaultStorage { fs: Arc::new(Mutex::new(fs)) }

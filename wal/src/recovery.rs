@@ -142,7 +142,7 @@ fn scan_segment(bytes: &[u8], first_index: LogIndex, prev: Option<(u32, Term)>) 
     let mut chain_known = prev.is_some();
     let mut pos = SEGMENT_HEADER_BYTES as usize;
     loop {
-        let expected = LogIndex(first_index.get() + scan.offsets.len() as u64);
+        let expected = LogIndex(first_index.get().saturating_add(scan.offsets.len() as u64));
         let rest = &bytes[pos.min(bytes.len())..];
         if rest.len() < FRAME_HEADER_BYTES as usize {
             if !all_zero(rest) {
@@ -336,7 +336,7 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
             _ => None,
         };
         let scan = scan_segment(seg.map.bytes(), first, prev);
-        let seg_end = LogIndex(first.get() + scan.offsets.len() as u64);
+        let seg_end = LogIndex(first.get().saturating_add(scan.offsets.len() as u64));
         view.last_index = seg_end.prev();
         view.last_term = if scan.offsets.is_empty() {
             prev.map_or(view.first_prev_term, |p| p.1)
@@ -401,17 +401,23 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         }
         Some(_) => {}
     }
-    if !obsolete.is_empty() {
-        for name in &obsolete {
-            match storage.remove(name) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::Io { op: "remove obsolete segment", source: e }),
-            }
+    for name in &obsolete {
+        match storage.remove(name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Io { op: "remove obsolete segment", source: e }),
         }
-        storage.sync_dir().map_err(Error::io("sync dir"))?;
-        removed.extend(obsolete);
     }
+    removed.extend(obsolete);
+    // After a process crash (no power loss) the bytes read above may sit only in the page
+    // cache: a hard-state save or a group whose sync never ran, a segment whose name was never
+    // synced. Make everything recovery trusts durable before anyone acts on it; otherwise a
+    // later power loss could take back a vote this node has already honoured.
+    meta_file.sync_data().map_err(Error::io("fdatasync hard state"))?;
+    for seg in &view.segments {
+        seg.file.sync_data().map_err(Error::io("fdatasync segment"))?;
+    }
+    storage.sync_dir().map_err(Error::io("sync dir"))?;
     let last_crc = match view.locate(view.last_index) {
         Some(_) => view.header(view.last_index)?.header_crc,
         None => 0,

@@ -49,7 +49,7 @@ impl fmt::Debug for SegmentIndex {
 impl SegmentIndex {
     /// One past the last index this segment holds.
     pub(crate) fn end_index(&self) -> LogIndex {
-        LogIndex(self.first_index.get() + self.offsets.len() as u64)
+        LogIndex(self.first_index.get().saturating_add(self.offsets.len() as u64))
     }
 }
 

@@ -44,9 +44,10 @@ newtype_u64!(
 );
 
 impl LogIndex {
-    /// The index after this one.
+    /// The index after this one (saturating: indexes near `u64::MAX` come only from bad input,
+    /// which is refused elsewhere, never a panic).
     pub const fn next(self) -> LogIndex {
-        LogIndex(self.0 + 1)
+        LogIndex(self.0.saturating_add(1))
     }
 
     /// The index before this one (saturating at zero).

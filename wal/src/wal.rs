@@ -7,7 +7,7 @@
 //! ARCHITECTURE.md records why this beats a dedicated writer thread on this machine.
 
 use std::any::Any;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
@@ -35,8 +35,10 @@ pub enum Durability {
     /// Every write group is followed by `fdatasync`; `wait` returns after it. The default.
     #[default]
     Sync,
-    /// No `fdatasync` for groups or hard state: a power loss loses acknowledged appends. For
-    /// benchmarks that say so in their output; never for a real cluster.
+    /// No `fdatasync` for groups or hard state: a power loss loses acknowledged appends, and
+    /// may leave damage that recovery must report as corruption (its rule that a later group
+    /// implies a synced earlier one no longer holds). For benchmarks that say so in their
+    /// output; never for a real cluster.
     UnsafeNoSync,
 }
 
@@ -78,11 +80,19 @@ impl Default for Options {
 
 impl Options {
     fn validate(&self) -> Result<()> {
-        let record_frame = frame_bytes(self.record_bytes_max);
         let fail = |m: String| Err(Error::InvalidOptions(m));
-        if self.segment_bytes > u64::from(u32::MAX) {
-            return fail(format!("segment_bytes {} is above 4 GiB", self.segment_bytes));
+        // Segment offsets, payload lengths and group offsets are u32 on disk and in memory.
+        let u32_max = u64::from(u32::MAX);
+        for (name, v) in [
+            ("segment_bytes", self.segment_bytes),
+            ("record_bytes_max", self.record_bytes_max),
+            ("group_bytes_max", self.group_bytes_max),
+        ] {
+            if v > u32_max {
+                return fail(format!("{name} {v} is above 4 GiB"));
+            }
         }
+        let record_frame = frame_bytes(self.record_bytes_max);
         if record_frame + SEGMENT_HEADER_BYTES > self.segment_bytes {
             return fail(format!(
                 "a record of record_bytes_max {} does not fit a segment of {} bytes",
@@ -170,6 +180,8 @@ struct Queue {
     durable_ticket: u64,
     /// Every ticket up to this one has been woken. Invariant: `woken_upto <= durable_ticket`.
     woken_upto: u64,
+    /// Tickets whose callers are asleep in `wait`, so a wake always reaches a real sleeper.
+    sleeping: BTreeSet<u64>,
     /// Taken by the leader for the duration of its write.
     writer: Option<Box<Writer>>,
     spare_buffers: Vec<Vec<u8>>,
@@ -267,6 +279,7 @@ impl Wal {
                 next_ticket: 1,
                 durable_ticket: 0,
                 woken_upto: 0,
+                sleeping: BTreeSet::new(),
                 writer: Some(Box::new(writer)),
                 spare_buffers: Vec::new(),
             }),
@@ -330,8 +343,8 @@ impl Wal {
 
     /// Queues `entries` for the next write group without waiting. The batch must continue the
     /// log: its first index is the one after the last submitted entry, indexes are contiguous
-    /// and terms never decrease. The whole batch lands in one group, so it is durable all or
-    /// nothing.
+    /// and terms never decrease. The whole batch is written in one group; after a crash before
+    /// its sync, any prefix of it may survive (never a part with a gap).
     pub fn submit(&self, entries: &[Entry<'_>]) -> Result<Ticket> {
         self.check_poisoned()?;
         let Some(first) = entries.first() else {
@@ -437,7 +450,9 @@ impl Wal {
                 result?;
                 continue;
             }
+            q.sleeping.insert(ticket.0);
             self.wake_slot(ticket.0).wait(&mut q);
+            q.sleeping.remove(&ticket.0);
         }
     }
 
@@ -471,11 +486,11 @@ impl Wal {
     }
 
     /// Leads write groups: takes the writer, then writes and syncs one group at a time without
-    /// the queue lock, publishing each and waking one caller it completed (who wakes the
-    /// rest). It keeps the writer while groups are queued, so the disk never idles while a
+    /// the queue lock, publishing each and waking one sleeping caller it completed (who wakes
+    /// the rest). It keeps the writer while groups are queued, so the disk never idles while a
     /// successor is scheduled, but only for `LEAD_EXTRA_GROUPS_MAX` groups past its own
-    /// ticket; then it hands the writer to a waiter of the next group, so no caller leads
-    /// forever.
+    /// ticket; then it hands the writer to a sleeping caller whose ticket is still pending, so
+    /// no caller leads forever and no queued group waits for a caller that never comes.
     fn lead<'a>(
         &'a self,
         mut q: MutexGuard<'a, Queue>,
@@ -492,6 +507,8 @@ impl Wal {
             }
             let result = self.write_group(&mut writer, &mut group);
             q = self.queue();
+            // A failure elsewhere (a hard-state sync) poisons too: acknowledge nothing after it.
+            let result = result.and_then(|()| self.check_poisoned());
             if let Err(e) = result {
                 q.writer = Some(writer);
                 self.poison();
@@ -499,7 +516,7 @@ impl Wal {
             }
             assert!(group.last_ticket > q.durable_ticket, "durable ticket is monotonic");
             q.durable_ticket = group.last_ticket;
-            wake_one = (q.woken_upto + 1..=q.durable_ticket).find(|&t| t != own_ticket);
+            wake_one = q.sleeping.range(q.woken_upto + 1..=q.durable_ticket).next().copied();
             if own_ticket <= q.durable_ticket {
                 groups_past_own += 1;
             }
@@ -509,8 +526,9 @@ impl Wal {
                 q.spare_buffers.push(done);
             }
             if q.groups.is_empty() || groups_past_own > LEAD_EXTRA_GROUPS_MAX {
-                if let Some(next) = q.groups.front() {
-                    self.wake_slot(next.last_ticket).notify_all();
+                let pending = q.durable_ticket + 1..;
+                if let Some(&successor) = q.sleeping.range(pending).next() {
+                    self.wake_slot(successor).notify_all();
                 }
                 q.writer = Some(writer);
                 self.writer_idle.notify_all();
@@ -714,7 +732,9 @@ impl Wal {
                 });
             }
             let commit = self.hard_state().commit;
-            assert!(from > commit, "truncating at {from} would remove committed entry {commit}");
+            if from <= commit {
+                return Err(Error::TruncateCommitted { from, commit });
+            }
             let prev_crc = match view.locate(from.prev()) {
                 Some(_) => view.header(from.prev())?.header_crc,
                 None => 0,
@@ -769,6 +789,9 @@ impl Wal {
     /// only entries below it. `before` may be at most `last_index + 1`.
     pub fn compact_prefix(&self, before: LogIndex) -> Result<()> {
         self.check_poisoned()?;
+        // The meta lock is held throughout, so two compactions never interleave (a later one
+        // with a lower target would otherwise move the durable first index backwards).
+        let mut meta = self.meta.lock();
         let prev_term = {
             let view = self.view_read();
             if before <= view.first_index {
@@ -783,13 +806,10 @@ impl Wal {
             }
             view.term(before.prev())?
         };
-        {
-            let mut meta = self.meta.lock();
-            let mut slot = meta.slot;
-            slot.first_index = before;
-            slot.first_prev_term = prev_term;
-            self.write_meta(&mut meta, slot)?;
-        }
+        let mut slot = meta.slot;
+        slot.first_index = before;
+        slot.first_prev_term = prev_term;
+        self.write_meta(&mut meta, slot)?;
         let obsolete: Vec<String> = {
             let mut view = self.view_write();
             view.first_index = before;
@@ -800,6 +820,7 @@ impl Wal {
             self.metrics.segments.set(view.segments.len() as f64);
             gone
         };
+        drop(meta);
         self.remove_files(&obsolete)
     }
 

@@ -55,8 +55,10 @@ struct Model {
     saving: Option<HardState>,
 }
 
-/// Recovers `image` and checks it against the model; returns the recovered log for comparison.
-fn check_recovery(image: &FaultStorage, m: &Model, what: &str) -> (u64, Vec<(Term, Payload)>) {
+type Recovered = (u64, Vec<(Term, Payload)>, HardState);
+
+/// Recovers `image` and checks it against the model; returns what it recovered, for comparison.
+fn check_recovery(image: &FaultStorage, m: &Model, what: &str) -> Recovered {
     let wal = match Wal::open_with(Arc::new(image.clone()), opts()) {
         Ok(w) => w,
         Err(e) => panic!("{what}: recovery failed: {e}"),
@@ -108,7 +110,7 @@ fn check_recovery(image: &FaultStorage, m: &Model, what: &str) -> (u64, Vec<(Ter
             got.push(entry);
         }
     }
-    (first, got)
+    (first, got, hs)
 }
 
 static STATES: AtomicU64 = AtomicU64::new(0);
@@ -133,6 +135,20 @@ fn on_crash_point(p: &CrashPoint<'_>, model: &Mutex<Model>, seed: u64, n: u64) {
         // Idempotent: recovering the recovered disk gives the same log.
         let again = check_recovery(&image, &m, &format!("{what}, second recovery"));
         assert_eq!(before, again, "{what}: recovery is not idempotent");
+        // A process crash, a restart that recovers from the page cache, then a power loss:
+        // whatever the first recovery exposed must survive the second.
+        if k == 0 {
+            let process = p.process_crash_image();
+            let exposed = check_recovery(&process, &m, &format!("{what}, process crash"));
+            let power =
+                process.crash_image(CrashSpec { loss: Loss::All, tear_last_write: false, seed: 0 });
+            let after = check_recovery(&power, &m, &format!("{what}, power loss after restart"));
+            assert_eq!(
+                exposed, after,
+                "{what}: a power loss after restart took back what recovery exposed"
+            );
+            STATES.fetch_add(1, Ordering::Relaxed);
+        }
         // A crash during recovery: cut it at some operation and recover from there.
         if k == 2 {
             let cut: Arc<Mutex<Option<FaultStorage>>> = Arc::default();
@@ -147,7 +163,7 @@ fn on_crash_point(p: &CrashPoint<'_>, model: &Mutex<Model>, seed: u64, n: u64) {
             pristine.clear_hook();
             if let Some(img) = cut.lock().expect("cut lock").take() {
                 let after = check_recovery(&img, &m, &format!("{what}, after a crash in recovery"));
-                assert_eq!(after.1, during.1, "{what}: a crash in recovery changed the log");
+                assert_eq!(after, during, "{what}: a crash in recovery changed the log");
             }
             STATES.fetch_add(1, Ordering::Relaxed);
         }

@@ -173,6 +173,10 @@ fn hard_state_truncation_and_compaction_persist() {
     append_range(&wal, 1..201, 1000);
     let hs = HardState { term: Term(4), vote: Some(NodeId(2)), commit: LogIndex(120) };
     wal.save_hard_state(hs).expect("save");
+    assert!(matches!(
+        wal.truncate_suffix(LogIndex(120)),
+        Err(Error::TruncateCommitted { from: LogIndex(120), commit: LogIndex(120) })
+    ));
     wal.truncate_suffix(LogIndex(150)).expect("truncate");
     let p = payload(999, 10);
     wal.append(&[Entry { term: Term(4), index: LogIndex(150), payload: &p }])
@@ -261,6 +265,13 @@ fn bad_options_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = Options { segment_bytes: 1024, record_bytes_max: 4096, ..opts() };
     assert!(matches!(Wal::open(dir.path(), bad), Err(Error::InvalidOptions(_))));
+    for huge in [
+        Options { record_bytes_max: u64::MAX, ..opts() },
+        Options { group_bytes_max: u64::MAX, ..opts() },
+        Options { segment_bytes: u64::MAX, ..opts() },
+    ] {
+        assert!(matches!(Wal::open(dir.path(), huge), Err(Error::InvalidOptions(_))));
+    }
 }
 
 #[test]

@@ -54,6 +54,18 @@ fn failed_write_poisons() {
 }
 
 #[test]
+fn failed_frame_write_poisons() {
+    let storage = FaultStorage::new();
+    let wal = open(&storage);
+    wal.append(&[entry(1, b"a")]).expect("first append creates the segment");
+    // The next write is a frame write into the existing segment.
+    storage.fail_write_after(0);
+    assert!(matches!(wal.append(&[entry(2, b"b")]), Err(Error::Io { .. })));
+    assert!(matches!(wal.append(&[entry(2, b"b")]), Err(Error::Poisoned)));
+    assert_eq!(wal.last_index(), LogIndex(1));
+}
+
+#[test]
 fn failed_hard_state_sync_poisons() {
     let storage = FaultStorage::new();
     let wal = open(&storage);
