@@ -110,9 +110,15 @@ pub struct FrameHeader {
 
 /// Layout of a frame header (40 bytes):
 /// payload_len u32 | header_crc u32 | term u64 | index u64 | group_first_index u64 |
-/// prev_crc u32 | payload_crc u32. `header_crc` = crc32(bytes 0..4 ++ bytes 8..40).
-fn header_crc(h: &[u8]) -> u32 {
+/// prev_crc u32 | payload_crc u32. `header_crc` = crc32(salt ++ bytes 0..4 ++ bytes 8..40).
+///
+/// `salt` is a random secret of this WAL (kept in the hard-state file, never sent anywhere).
+/// Without it a client could put a well-formed frame inside a record's payload; recovery's
+/// look past damage for a later write group would then take it for one and report a plain
+/// crash as corruption, keeping the node down.
+fn header_crc(h: &[u8], salt: u32) -> u32 {
     let mut c = crc32fast::Hasher::new();
+    c.update(&salt.to_le_bytes());
     c.update(&h[0..4]);
     c.update(&h[8..40]);
     c.finalize()
@@ -121,14 +127,14 @@ fn header_crc(h: &[u8]) -> u32 {
 impl FrameHeader {
     /// Parses the header at the start of `b` and verifies its checksum and that the whole
     /// frame fits in `b`. Does not look at the payload.
-    pub fn decode(b: &[u8]) -> Option<FrameHeader> {
+    pub fn decode(b: &[u8], salt: u32) -> Option<FrameHeader> {
         if b.len() < FRAME_HEADER_BYTES as usize {
             return None;
         }
         let h = &b[..FRAME_HEADER_BYTES as usize];
         let payload_len = u32_at(h, 0);
         let stored = u32_at(h, 4);
-        if frame_bytes(u64::from(payload_len)) > b.len() as u64 || header_crc(h) != stored {
+        if frame_bytes(u64::from(payload_len)) > b.len() as u64 || header_crc(h, salt) != stored {
             return None;
         }
         Some(FrameHeader {
@@ -177,10 +183,10 @@ pub fn encode_frame_unchained(buf: &mut Vec<u8>, term: Term, index: LogIndex, pa
 
 /// Fills in the chain fields of a frame produced by [`encode_frame_unchained`] and returns its
 /// `header_crc`, which the next frame must carry as its `prev_crc`.
-pub fn chain_frame(frame: &mut [u8], group_first_index: LogIndex, prev_crc: u32) -> u32 {
+pub fn chain_frame(frame: &mut [u8], group_first_index: LogIndex, prev_crc: u32, salt: u32) -> u32 {
     frame[24..32].copy_from_slice(&group_first_index.get().to_le_bytes());
     frame[32..36].copy_from_slice(&prev_crc.to_le_bytes());
-    let crc = header_crc(&frame[..FRAME_HEADER_BYTES as usize]);
+    let crc = header_crc(&frame[..FRAME_HEADER_BYTES as usize], salt);
     frame[4..8].copy_from_slice(&crc.to_le_bytes());
     crc
 }
@@ -196,11 +202,13 @@ pub struct MetaSlot {
     pub first_index: LogIndex,
     /// Term of the entry at `first_index - 1` (0 when the log starts at 1).
     pub first_prev_term: Term,
+    /// This WAL's secret frame-checksum salt, chosen at creation, never changed.
+    pub salt: u32,
 }
 
 impl MetaSlot {
     /// Layout: magic[4] | version u32 | seq u64 | term u64 | vote u64 (0 = none) | commit u64 |
-    /// first_index u64 | first_prev_term u64 | reserved u32 | crc32(bytes 0..60) u32.
+    /// first_index u64 | first_prev_term u64 | salt u32 | crc32(bytes 0..60) u32.
     pub fn encode(&self) -> [u8; META_SLOT_BYTES] {
         let mut b = [0u8; META_SLOT_BYTES];
         b[0..4].copy_from_slice(&META_MAGIC);
@@ -212,6 +220,7 @@ impl MetaSlot {
         b[32..40].copy_from_slice(&self.hard_state.commit.get().to_le_bytes());
         b[40..48].copy_from_slice(&self.first_index.get().to_le_bytes());
         b[48..56].copy_from_slice(&self.first_prev_term.get().to_le_bytes());
+        b[56..60].copy_from_slice(&self.salt.to_le_bytes());
         let crc = crc32fast::hash(&b[0..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
@@ -236,6 +245,7 @@ impl MetaSlot {
             },
             first_index: LogIndex(u64_at(b, 40)),
             first_prev_term: Term(u64_at(b, 48)),
+            salt: u32_at(b, 56),
         })
     }
 }
@@ -248,8 +258,9 @@ mod tests {
     fn frame_round_trips_and_payload_is_aligned() {
         let mut buf = vec![0u8; 8];
         encode_frame_unchained(&mut buf, Term(3), LogIndex(9), b"hello");
-        let crc = chain_frame(&mut buf[8..], LogIndex(7), 0xdead_beef);
-        let h = FrameHeader::decode(&buf[8..]).expect("valid header");
+        let crc = chain_frame(&mut buf[8..], LogIndex(7), 0xdead_beef, 42);
+        let h = FrameHeader::decode(&buf[8..], 42).expect("valid header");
+        assert_eq!(FrameHeader::decode(&buf[8..], 43), None, "another salt does not verify");
         assert_eq!(h.header_crc, crc);
         assert_eq!((h.term, h.index, h.group_first_index), (Term(3), LogIndex(9), LogIndex(7)));
         assert_eq!(h.prev_crc, 0xdead_beef);
@@ -262,11 +273,11 @@ mod tests {
     fn every_bit_flip_in_a_frame_is_detected() {
         let mut buf = Vec::new();
         encode_frame_unchained(&mut buf, Term(1), LogIndex(1), b"abc");
-        chain_frame(&mut buf, LogIndex(1), 5);
+        chain_frame(&mut buf, LogIndex(1), 5, 9);
         for bit in 0..buf.len() * 8 {
             let mut b = buf.clone();
             b[bit / 8] ^= 1 << (bit % 8);
-            let ok = FrameHeader::decode(&b).is_some_and(|h| h.verify_body(&b));
+            let ok = FrameHeader::decode(&b, 9).is_some_and(|h| h.verify_body(&b));
             assert!(!ok, "flip of bit {bit} went undetected");
         }
     }
@@ -278,6 +289,7 @@ mod tests {
             hard_state: HardState { term: Term(2), vote: Some(NodeId(3)), commit: LogIndex(10) },
             first_index: LogIndex(5),
             first_prev_term: Term(1),
+            salt: 0x1234_5678,
         };
         let b = s.encode();
         assert_eq!(MetaSlot::decode(&b), Some(s));

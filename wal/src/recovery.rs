@@ -66,6 +66,15 @@ fn corrupt(segment: &str, offset: u64, reason: impl Into<String>) -> Error {
     Error::Corrupt { segment: segment.to_string(), offset, reason: reason.into() }
 }
 
+/// A salt no client can predict: std's hasher keys come from the operating system's random
+/// source, and this needs no cryptographic strength, only secrecy from the clients.
+fn random_salt() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    (h.finish() >> 16) as u32
+}
+
 /// Reads the hard-state file, creating it in a fresh directory.
 fn recover_meta(
     storage: &dyn Storage,
@@ -83,7 +92,12 @@ fn recover_meta(
         if has_segments {
             return Err(corrupt(META_FILE, 0, "hard-state file missing while segments exist"));
         }
-        let slot = MetaSlot { seq: 1, first_index: LogIndex(1), ..MetaSlot::default() };
+        let slot = MetaSlot {
+            seq: 1,
+            first_index: LogIndex(1),
+            salt: random_salt(),
+            ..MetaSlot::default()
+        };
         let tmp = storage.create(META_TMP_FILE).map_err(Error::io("create meta"))?;
         let mut bytes = vec![0u8; 2 * META_SLOT_STRIDE as usize];
         // Slot `seq % 2`, as every later save does, so the next save goes to the other slot.
@@ -128,7 +142,7 @@ fn all_zero(b: &[u8]) -> bool {
 
 /// Scans frames from the segment header on. `prev` is the (crc, term) of the entry before
 /// `first_index`, when the log holds it.
-fn scan_segment(bytes: &[u8], first_index: LogIndex, prev: Option<(u32, Term)>) -> Scan {
+fn scan_segment(bytes: &[u8], first_index: LogIndex, prev: Option<(u32, Term)>, salt: u32) -> Scan {
     // Segments are at most 4 GiB (`Options::validate`); a larger file on disk is looked at
     // only that far, so every frame offset fits the index's u32.
     let bytes = &bytes[..bytes.len().min(u32::MAX as usize)];
@@ -150,7 +164,7 @@ fn scan_segment(bytes: &[u8], first_index: LogIndex, prev: Option<(u32, Term)>) 
             }
             return scan;
         }
-        let reason = match FrameHeader::decode(rest) {
+        let reason = match FrameHeader::decode(rest, salt) {
             None if all_zero(rest) => return scan,
             None => "frame header checksum mismatch or frame overruns the segment".to_string(),
             Some(h) if h.index != expected => {
@@ -184,12 +198,12 @@ fn scan_segment(bytes: &[u8], first_index: LogIndex, prev: Option<(u32, Term)>) 
 /// later write group. Such a frame was written only after the damaged group's sync returned,
 /// so the damage hit synced data: corruption. Frames of the damaged group itself prove nothing:
 /// an unsynced group may reach the disk in any order of blocks.
-fn later_group_after(bytes: &[u8], from: u64, damaged_index: LogIndex) -> Option<u64> {
+fn later_group_after(bytes: &[u8], from: u64, damaged_index: LogIndex, salt: u32) -> Option<u64> {
     let mut pos = from as usize + FRAME_ALIGN as usize;
     while pos + FRAME_HEADER_BYTES as usize <= bytes.len() {
         let rest = &bytes[pos..];
         if !all_zero(&rest[..FRAME_HEADER_BYTES as usize])
-            && let Some(h) = FrameHeader::decode(rest)
+            && let Some(h) = FrameHeader::decode(rest, salt)
             && h.group_first_index > damaged_index
             && h.verify_body(rest)
         {
@@ -238,8 +252,13 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
     if let Some(last) = opened.last()
         && let Err(reason) = SegmentHeader::decode(last.map.bytes())
     {
-        if later_group_after(last.map.bytes(), SEGMENT_HEADER_BYTES - FRAME_ALIGN, LogIndex(0))
-            .is_some()
+        if later_group_after(
+            last.map.bytes(),
+            SEGMENT_HEADER_BYTES - FRAME_ALIGN,
+            LogIndex(0),
+            meta.salt,
+        )
+        .is_some()
         {
             return Err(corrupt(&last.name, 0, reason));
         }
@@ -288,6 +307,7 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         last_index: meta.first_index.prev(),
         last_term: meta.first_prev_term,
         segments: Vec::new(),
+        salt: meta.salt,
     };
     let mut torn_tail = None;
     let mut append_at = None;
@@ -335,7 +355,7 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
             }
             _ => None,
         };
-        let scan = scan_segment(seg.map.bytes(), first, prev);
+        let scan = scan_segment(seg.map.bytes(), first, prev, meta.salt);
         let seg_end = LogIndex(first.get().saturating_add(scan.offsets.len() as u64));
         view.last_index = seg_end.prev();
         view.last_term = if scan.offsets.is_empty() {
@@ -347,7 +367,7 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
             None if is_last => append_at = Some(scan.end),
             None => {}
             Some((offset, reason)) if is_last => {
-                if let Some(at) = later_group_after(seg.map.bytes(), offset, seg_end) {
+                if let Some(at) = later_group_after(seg.map.bytes(), offset, seg_end, meta.salt) {
                     return Err(corrupt(
                         &seg.name,
                         offset,

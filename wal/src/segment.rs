@@ -67,6 +67,8 @@ pub(crate) struct LogView {
     pub(crate) last_term: Term,
     /// Segments in id order; together they hold `[segments[0].first_index, last_index]`.
     pub(crate) segments: Vec<SegmentIndex>,
+    /// The WAL's frame-checksum salt.
+    pub(crate) salt: u32,
 }
 
 impl LogView {
@@ -86,7 +88,7 @@ impl LogView {
             last: self.last_index,
         })?;
         let bytes = seg.map.bytes().get(off as usize..).unwrap_or(&[]);
-        match FrameHeader::decode(bytes) {
+        match FrameHeader::decode(bytes, self.salt) {
             Some(h) if h.index == index => Ok(h),
             _ => Err(Error::Corrupt {
                 segment: seg.name.clone(),

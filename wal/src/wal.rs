@@ -209,6 +209,8 @@ pub struct Wal {
     report: RecoveryReport,
     metrics: WalMetrics,
     counters: Counters,
+    /// Frame-checksum salt of this WAL (from the hard-state file).
+    salt: u32,
     /// Declared before `_lock` so its thread stops before the directory is unlocked.
     preparer: Option<Preparer>,
     _lock: Box<dyn Any + Send + Sync>,
@@ -290,6 +292,7 @@ impl Wal {
             report: rec.report,
             metrics,
             counters: Counters::default(),
+            salt: rec.meta.salt,
             preparer,
             opts,
             _lock: lock,
@@ -605,7 +608,7 @@ impl Wal {
         let mut crc = writer.prev_crc;
         for i in 0..n {
             let (s, e) = (start_of(i), start_of(i + 1));
-            crc = chain_frame(&mut group.bytes[s..e], group.first_index, crc);
+            crc = chain_frame(&mut group.bytes[s..e], group.first_index, crc, self.salt);
         }
         let mut created: Vec<SegmentIndex> = Vec::new();
         let mut placed: Vec<(u64, Vec<u32>)> = Vec::new();
