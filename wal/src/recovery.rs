@@ -348,13 +348,7 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
             }
             !superseded
         });
-        let prev = match view.locate(first.prev()) {
-            Some(_) if first.get() > 1 => {
-                let h = view.header(first.prev())?;
-                Some((h.header_crc, h.term))
-            }
-            _ => None,
-        };
+        let prev = view.link(first.prev())?;
         let scan = scan_segment(seg.map.bytes(), first, prev, meta.salt);
         let seg_end = LogIndex(first.get().saturating_add(scan.offsets.len() as u64));
         view.last_index = seg_end.prev();
@@ -438,10 +432,7 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         seg.file.sync_data().map_err(Error::io("fdatasync segment"))?;
     }
     storage.sync_dir().map_err(Error::io("sync dir"))?;
-    let last_crc = match view.locate(view.last_index) {
-        Some(_) => view.header(view.last_index)?.header_crc,
-        None => 0,
-    };
+    let last_crc = view.link(view.last_index)?.map_or(0, |(crc, _)| crc);
     let next_segment_id = seg_ids.last().map_or(1, |(id, _)| id + 1);
     let report = RecoveryReport {
         first_index: view.first_index,

@@ -80,13 +80,17 @@ impl LogView {
         seg.offsets.get(slot).map(|&off| (seg, off))
     }
 
-    /// Reads and verifies the frame header of `index` (payload unchecked).
-    pub(crate) fn header(&self, index: LogIndex) -> Result<FrameHeader> {
+    /// The segment, offset and verified header (payload unchecked) of `index`.
+    fn frame(&self, index: LogIndex) -> Result<(&SegmentIndex, u32, FrameHeader)> {
         let (seg, off) = self.locate(index).ok_or(Error::OutOfRange {
             index,
             first: self.first_index,
             last: self.last_index,
         })?;
+        Ok((seg, off, self.decode_at(seg, off, index)?))
+    }
+
+    fn decode_at(&self, seg: &SegmentIndex, off: u32, index: LogIndex) -> Result<FrameHeader> {
         let bytes = seg.map.bytes().get(off as usize..).unwrap_or(&[]);
         match FrameHeader::decode(bytes, self.salt) {
             Some(h) if h.index == index => Ok(h),
@@ -98,10 +102,23 @@ impl LogView {
         }
     }
 
+    /// Reads and verifies the frame header of `index` (payload unchecked).
+    pub(crate) fn header(&self, index: LogIndex) -> Result<FrameHeader> {
+        Ok(self.frame(index)?.2)
+    }
+
+    /// The chain link of `index`: its header CRC and term, if the log still holds its frame
+    /// (after compaction the entry before the first segment is gone). The next frame carries
+    /// this CRC as its `prev_crc`.
+    pub(crate) fn link(&self, index: LogIndex) -> Result<Option<(u32, Term)>> {
+        self.locate(index)
+            .map(|(seg, off)| self.decode_at(seg, off, index).map(|h| (h.header_crc, h.term)))
+            .transpose()
+    }
+
     /// A verified view of the entry at `index`.
     pub(crate) fn record(&self, index: LogIndex) -> Result<Record> {
-        let h = self.header(index)?;
-        let (seg, off) = self.locate(index).expect("header() found it");
+        let (seg, off, h) = self.frame(index)?;
         let frame = &seg.map.bytes()[off as usize..];
         if !h.verify_body(frame) {
             return Err(Error::Corrupt {

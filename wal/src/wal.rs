@@ -738,10 +738,7 @@ impl Wal {
             if from <= commit {
                 return Err(Error::TruncateCommitted { from, commit });
             }
-            let prev_crc = match view.locate(from.prev()) {
-                Some(_) => view.header(from.prev())?.header_crc,
-                None => 0,
-            };
+            let prev_crc = view.link(from.prev())?.map_or(0, |(crc, _)| crc);
             (view.term(from.prev())?, prev_crc)
         };
         let writer = q.writer.as_mut().expect("exclusive() holds a free writer");
