@@ -166,8 +166,14 @@ impl FrameHeader {
 
 /// Appends an unchained frame to `buf`: everything but `group_first_index`, `prev_crc` and
 /// `header_crc`, which [`chain_frame`] fills in once the frame's place in the log is known.
-/// The expensive part (the payload copy and checksum) happens here, outside any lock.
-pub fn encode_frame_unchained(buf: &mut Vec<u8>, term: Term, index: LogIndex, payload: &[u8]) {
+/// `payload_crc` is `crc32fast::hash(payload)`, computed by the caller outside any lock.
+pub fn encode_frame_unchained(
+    buf: &mut Vec<u8>,
+    term: Term,
+    index: LogIndex,
+    payload: &[u8],
+    payload_crc: u32,
+) {
     let start = buf.len();
     let len = u32::try_from(payload.len()).expect("record size is limited far below 4 GiB");
     buf.extend_from_slice(&len.to_le_bytes());
@@ -175,7 +181,7 @@ pub fn encode_frame_unchained(buf: &mut Vec<u8>, term: Term, index: LogIndex, pa
     buf.extend_from_slice(&term.get().to_le_bytes());
     buf.extend_from_slice(&index.get().to_le_bytes());
     buf.extend_from_slice(&[0u8; 12]);
-    buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    buf.extend_from_slice(&payload_crc.to_le_bytes());
     buf.extend_from_slice(payload);
     let total = frame_bytes(payload.len() as u64) as usize;
     buf.resize(start + total, 0);
@@ -257,7 +263,7 @@ mod tests {
     #[test]
     fn frame_round_trips_and_payload_is_aligned() {
         let mut buf = vec![0u8; 8];
-        encode_frame_unchained(&mut buf, Term(3), LogIndex(9), b"hello");
+        encode_frame_unchained(&mut buf, Term(3), LogIndex(9), b"hello", crc32fast::hash(b"hello"));
         let crc = chain_frame(&mut buf[8..], LogIndex(7), 0xdead_beef, 42);
         let h = FrameHeader::decode(&buf[8..], 42).expect("valid header");
         assert_eq!(FrameHeader::decode(&buf[8..], 43), None, "another salt does not verify");
@@ -272,7 +278,7 @@ mod tests {
     #[test]
     fn every_bit_flip_in_a_frame_is_detected() {
         let mut buf = Vec::new();
-        encode_frame_unchained(&mut buf, Term(1), LogIndex(1), b"abc");
+        encode_frame_unchained(&mut buf, Term(1), LogIndex(1), b"abc", crc32fast::hash(b"abc"));
         chain_frame(&mut buf, LogIndex(1), 5, 9);
         for bit in 0..buf.len() * 8 {
             let mut b = buf.clone();

@@ -354,6 +354,8 @@ impl Wal {
             return Ok(Ticket(0));
         };
         let mut bytes = 0u64;
+        // Checksums here, outside the queue lock that every submitter and the leader share.
+        let mut payload_crcs = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
             let len = e.payload.len() as u64;
             if len > self.opts.record_bytes_max {
@@ -376,6 +378,7 @@ impl Wal {
                 });
             }
             bytes += frame_bytes(len);
+            payload_crcs.push(crc32fast::hash(e.payload));
         }
         let count = entries.len() as u64;
         if bytes > self.opts.group_bytes_max || count > self.opts.group_entries_max {
@@ -427,9 +430,9 @@ impl Wal {
         q.last_term = last.term;
         let group = q.groups.back_mut().expect("pushed above");
         group.bytes.reserve(bytes as usize);
-        for e in entries {
+        for (e, crc) in entries.iter().zip(payload_crcs) {
             group.frame_starts.push(u32::try_from(group.bytes.len()).expect("group below 4 GiB"));
-            encode_frame_unchained(&mut group.bytes, e.term, e.index, e.payload);
+            encode_frame_unchained(&mut group.bytes, e.term, e.index, e.payload, crc);
         }
         group.last_term = last.term;
         group.last_ticket = ticket;
