@@ -1,0 +1,920 @@
+//! The Raft state machine: roles, terms, votes, replication, commit, read barriers, transfer and
+//! membership. Everything here is a pure function of the inputs; output is collected in message
+//! queues that [`crate::RawNode`] hands out in a Ready.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use raftwal_types::{LogIndex, NodeId, Term};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::log::{AppendError, RaftLog};
+use crate::membership::{ConfChange, Membership, VoteResult};
+use crate::message::{Entry, EntryKind, LogStart, Message, MessageBody, ReadState, RejectHint};
+use crate::progress::{Inflights, Progress, ProgressState};
+use crate::read_only::ReadOnly;
+use crate::rng::Rng;
+use crate::storage::{LogStore, StoreError};
+
+/// A node's role in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows the leader of its term (if it knows one).
+    Follower,
+    /// Asking whether it could win an election, without raising its term.
+    PreCandidate,
+    /// Campaigning in its term.
+    Candidate,
+    /// Leads its term.
+    Leader,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Campaign {
+    PreElection,
+    Election,
+    Transfer,
+}
+
+pub(crate) struct Raft<S> {
+    pub(crate) cfg: Config,
+    pub(crate) id: NodeId,
+    pub(crate) term: Term,
+    pub(crate) vote: Option<NodeId>,
+    pub(crate) leader: Option<NodeId>,
+    pub(crate) role: Role,
+    pub(crate) log: RaftLog<S>,
+    pub(crate) membership: Membership,
+    /// Set when the membership changed since the last Ready.
+    pub(crate) membership_changed: bool,
+    /// The leader's view of every member (empty unless leader).
+    pub(crate) progress: BTreeMap<NodeId, Progress>,
+    votes: BTreeMap<NodeId, bool>,
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_election_ticks: u32,
+    pub(crate) transferee: Option<NodeId>,
+    /// The index of the newest membership change in the log; another may be proposed only once
+    /// it is applied.
+    pending_conf_index: LogIndex,
+    uncommitted_bytes: u64,
+    reads: ReadOnly,
+    /// Read barriers received before the leader committed an entry of its term.
+    reads_waiting_for_commit: Vec<(Option<NodeId>, u64)>,
+    /// Messages that may be sent at once.
+    pub(crate) msgs: Vec<Message>,
+    /// Messages to send only once the Ready's hard state and entries are durable.
+    pub(crate) msgs_after_persist: Vec<Message>,
+    pub(crate) read_states: Vec<ReadState>,
+    rng: Rng,
+}
+
+impl<S: LogStore> Raft<S> {
+    pub(crate) fn new(
+        cfg: Config,
+        term: Term,
+        vote: Option<NodeId>,
+        log: RaftLog<S>,
+        membership: Membership,
+    ) -> Raft<S> {
+        let rng = Rng::new(cfg.seed ^ cfg.id.0.rotate_left(32));
+        let mut raft = Raft {
+            id: cfg.id,
+            term,
+            vote,
+            leader: None,
+            role: Role::Follower,
+            log,
+            membership,
+            membership_changed: false,
+            progress: BTreeMap::new(),
+            votes: BTreeMap::new(),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_election_ticks: 0,
+            transferee: None,
+            pending_conf_index: LogIndex(0),
+            uncommitted_bytes: 0,
+            reads: ReadOnly::default(),
+            reads_waiting_for_commit: Vec::new(),
+            msgs: Vec::new(),
+            msgs_after_persist: Vec::new(),
+            read_states: Vec::new(),
+            rng,
+            cfg,
+        };
+        raft.reset_timers();
+        raft
+    }
+
+    /// Whether this node may campaign: it is a voter (learners and removed nodes never are).
+    pub(crate) fn promotable(&self) -> bool {
+        self.membership.is_voter(self.id)
+    }
+
+    fn reset_timers(&mut self) {
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let jitter = self.rng.below(u64::from(self.cfg.election_ticks)) as u32;
+        self.randomized_election_ticks = self.cfg.election_ticks + jitter;
+    }
+
+    fn reset(&mut self, term: Term) {
+        if self.term != term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.leader = None;
+        self.reset_timers();
+        self.transferee = None;
+        self.votes.clear();
+        self.progress.clear();
+        self.reads = ReadOnly::default();
+        self.reads_waiting_for_commit.clear();
+        self.uncommitted_bytes = 0;
+    }
+
+    pub(crate) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        self.reset(term);
+        self.role = Role::Follower;
+        self.leader = leader;
+    }
+
+    fn become_pre_candidate(&mut self) {
+        // A pre-candidate changes neither its term nor its vote; it only stops following.
+        self.votes.clear();
+        self.leader = None;
+        self.role = Role::PreCandidate;
+    }
+
+    fn become_candidate(&mut self) {
+        assert_ne!(self.role, Role::Leader, "a leader cannot become a candidate");
+        self.reset(Term(self.term.0 + 1));
+        self.vote = Some(self.id);
+        self.role = Role::Candidate;
+    }
+
+    fn become_leader(&mut self) -> Result<(), Error> {
+        assert_ne!(self.role, Role::Follower, "a follower cannot become leader directly");
+        self.reset(self.term);
+        self.role = Role::Leader;
+        self.leader = Some(self.id);
+        let last = self.log.last_index();
+        for id in self.membership.members() {
+            self.progress.insert(id, self.new_progress(last.next()));
+        }
+        if let Some(me) = self.progress.get_mut(&self.id) {
+            // The leader counts only what it has durably written (thesis 10.2.1).
+            me.matched = self.log.persisted_index();
+            me.become_replicate();
+            me.recent_active = true;
+        }
+        // Conf changes in the uncommitted tail might not be applied yet: hold new ones back
+        // until everything up to here is applied.
+        self.pending_conf_index = last;
+        self.append_entries(vec![(EntryKind::Noop, Bytes::new())]);
+        self.bcast_append()
+    }
+
+    fn new_progress(&self, next: LogIndex) -> Progress {
+        Progress::new(next, Inflights::new(self.cfg.inflight_msgs_max, self.cfg.inflight_bytes_max))
+    }
+
+    fn send(&mut self, to: NodeId, term: Term, body: MessageBody) {
+        let after_persist = matches!(
+            body,
+            MessageBody::PreVote { .. }
+                | MessageBody::Vote { .. }
+                | MessageBody::PreVoteResp { .. }
+                | MessageBody::VoteResp { .. }
+                | MessageBody::AppResp { .. }
+                | MessageBody::HeartbeatResp { .. }
+        );
+        let msg = Message { group: self.cfg.group, from: self.id, to, term, body };
+        if after_persist { self.msgs_after_persist.push(msg) } else { self.msgs.push(msg) }
+    }
+
+    // ----- time -----
+
+    pub(crate) fn tick(&mut self) -> Result<(), Error> {
+        if self.role == Role::Leader {
+            return self.tick_leader();
+        }
+        self.election_elapsed = self.election_elapsed.saturating_add(1);
+        if self.promotable() && self.election_elapsed >= self.randomized_election_ticks {
+            self.election_elapsed = 0;
+            let kind = if self.cfg.pre_vote { Campaign::PreElection } else { Campaign::Election };
+            self.campaign(kind)?;
+        }
+        Ok(())
+    }
+
+    fn tick_leader(&mut self) -> Result<(), Error> {
+        self.heartbeat_elapsed = self.heartbeat_elapsed.saturating_add(1);
+        self.election_elapsed = self.election_elapsed.saturating_add(1);
+        if self.election_elapsed >= self.cfg.election_ticks {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum && !self.quorum_recently_active() {
+                self.become_follower(self.term, None);
+                return Ok(());
+            }
+            // A transfer that has not finished in an election timeout is abandoned.
+            self.transferee = None;
+        }
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.bcast_heartbeat(self.reads.latest_pending());
+        }
+        Ok(())
+    }
+
+    /// Whether a quorum has been heard from since the last check; resets the record.
+    fn quorum_recently_active(&mut self) -> bool {
+        let me = self.id;
+        let active = self.membership.vote_result(|id| {
+            Some(id == me || self.progress.get(&id).is_some_and(|pr| pr.recent_active))
+        });
+        for (&id, pr) in &mut self.progress {
+            pr.recent_active = id == me;
+        }
+        active == VoteResult::Won
+    }
+
+    // ----- elections -----
+
+    pub(crate) fn campaign(&mut self, kind: Campaign) -> Result<(), Error> {
+        if !self.promotable() || self.role == Role::Leader {
+            return Ok(());
+        }
+        let vote_term = if kind == Campaign::PreElection {
+            self.become_pre_candidate();
+            Term(self.term.0 + 1)
+        } else {
+            self.become_candidate();
+            self.term
+        };
+        self.votes.insert(self.id, true);
+        if self.tally() == VoteResult::Won {
+            // A single voter wins at once.
+            return if kind == Campaign::PreElection {
+                self.campaign(Campaign::Election)
+            } else {
+                self.become_leader()
+            };
+        }
+        let last_index = self.log.last_index();
+        let last_term = self.log.last_term()?;
+        for id in self.membership.all_voters() {
+            if id == self.id {
+                continue;
+            }
+            let body = if kind == Campaign::PreElection {
+                MessageBody::PreVote { last_index, last_term }
+            } else {
+                MessageBody::Vote { last_index, last_term, transfer: kind == Campaign::Transfer }
+            };
+            self.send(id, vote_term, body);
+        }
+        Ok(())
+    }
+
+    fn tally(&self) -> VoteResult {
+        self.membership.vote_result(|id| self.votes.get(&id).copied())
+    }
+
+    fn handle_vote_request(&mut self, m: &Message) -> Result<(), Error> {
+        let (last_index, last_term, pre) = match m.body {
+            MessageBody::PreVote { last_index, last_term } => (last_index, last_term, true),
+            MessageBody::Vote { last_index, last_term, .. } => (last_index, last_term, false),
+            _ => unreachable!("only vote requests come here"),
+        };
+        let can_vote = self.vote == Some(m.from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre && m.term > self.term);
+        let granted = can_vote && self.log.is_up_to_date(last_index, last_term)?;
+        if granted {
+            if !pre {
+                self.election_elapsed = 0;
+                self.vote = Some(m.from);
+            }
+            let body = if pre {
+                MessageBody::PreVoteResp { reject: false }
+            } else {
+                MessageBody::VoteResp { reject: false }
+            };
+            // A grant answers in the term asked about, so the candidate counts it.
+            self.send(m.from, m.term, body);
+        } else {
+            let body = if pre {
+                MessageBody::PreVoteResp { reject: true }
+            } else {
+                MessageBody::VoteResp { reject: true }
+            };
+            self.send(m.from, self.term, body);
+        }
+        Ok(())
+    }
+
+    // ----- messages -----
+
+    pub(crate) fn step(&mut self, m: Message) -> Result<(), Error> {
+        self.validate(&m)?;
+        if m.term > self.term {
+            if let MessageBody::PreVote { .. } | MessageBody::Vote { .. } = m.body {
+                let forced = matches!(m.body, MessageBody::Vote { transfer: true, .. });
+                let in_lease = self.cfg.check_quorum
+                    && self.leader.is_some()
+                    && self.election_elapsed < self.cfg.election_ticks;
+                if !forced && in_lease {
+                    // We heard from a leader within the election timeout: a node that asks for
+                    // votes now was cut off, not the leader gone. Ignore it (thesis 4.2.3).
+                    return Ok(());
+                }
+            }
+            match m.body {
+                // Pre-votes change no one's term; a granted pre-vote is counted in our own.
+                MessageBody::PreVote { .. } | MessageBody::PreVoteResp { reject: false } => {}
+                MessageBody::App { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallLog { .. } => self.become_follower(m.term, Some(m.from)),
+                _ => self.become_follower(m.term, None),
+            }
+        } else if m.term < self.term {
+            match m.body {
+                MessageBody::App { .. } | MessageBody::Heartbeat { .. }
+                    if self.cfg.check_quorum || self.cfg.pre_vote =>
+                {
+                    // A stale leader whose messages we would ignore might never learn that it
+                    // was deposed, and with pre-vote or check-quorum a node whose term ran ahead
+                    // could stay cut off for good. Answering in our term fixes both.
+                    self.send(m.from, self.term, MessageBody::AppResp {
+                        index: LogIndex(0),
+                        reject: None,
+                    });
+                }
+                MessageBody::PreVote { .. } => {
+                    self.send(m.from, self.term, MessageBody::PreVoteResp { reject: true });
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        match m.body {
+            MessageBody::PreVote { .. } | MessageBody::Vote { .. } => self.handle_vote_request(&m),
+            _ => match self.role {
+                Role::Leader => self.step_leader(m),
+                Role::PreCandidate | Role::Candidate => self.step_candidate(m),
+                Role::Follower => self.step_follower(m),
+            },
+        }
+    }
+
+    /// Refuses what no correct peer sends, before anything changes.
+    fn validate(&self, m: &Message) -> Result<(), Error> {
+        let invalid = |reason| Err(Error::InvalidMessage { from: m.from, reason });
+        if m.group != self.cfg.group {
+            return Err(Error::WrongGroup { expected: self.cfg.group, got: m.group });
+        }
+        if m.to != self.id {
+            return invalid("addressed to another node");
+        }
+        if m.from == self.id || m.from.0 == 0 {
+            return invalid("bad sender id");
+        }
+        match &m.body {
+            MessageBody::App { prev_index, prev_term, entries, .. } => {
+                if *prev_term > m.term {
+                    return invalid("append's previous term is above the message term");
+                }
+                let mut expected = prev_index.next();
+                let mut term = *prev_term;
+                for entry in entries {
+                    if entry.index != expected || expected.0 == u64::MAX {
+                        return invalid("append entries are not contiguous after prev_index");
+                    }
+                    if entry.term < term || entry.term > m.term {
+                        return invalid("append entry terms go backwards or ahead of the leader");
+                    }
+                    expected = expected.next();
+                    term = entry.term;
+                }
+            }
+            MessageBody::InstallLog { start, .. } => {
+                if start.first_index.0 == 0 || start.prev_term > m.term {
+                    return invalid("log start is malformed");
+                }
+                if start.membership.voters.is_empty() {
+                    return invalid("log start has no voters");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn step_leader(&mut self, m: Message) -> Result<(), Error> {
+        match m.body {
+            MessageBody::AppResp { index, reject } => self.handle_append_response(m.from, index, reject),
+            MessageBody::HeartbeatResp { read } => self.handle_heartbeat_response(m.from, read),
+            MessageBody::ReadIndex { context } => self.read_index_as_leader(Some(m.from), context),
+            // Only a leader sends these and there is one leader per term; a vote response
+            // arriving after we won is simply late.
+            _ => Ok(()),
+        }
+    }
+
+    fn step_candidate(&mut self, m: Message) -> Result<(), Error> {
+        match m.body {
+            MessageBody::App { .. } | MessageBody::Heartbeat { .. } | MessageBody::InstallLog { .. } => {
+                self.become_follower(self.term, Some(m.from));
+                self.step_follower(m)
+            }
+            MessageBody::PreVoteResp { reject } if self.role == Role::PreCandidate => {
+                self.votes.insert(m.from, !reject);
+                match self.tally() {
+                    VoteResult::Won => self.campaign(Campaign::Election),
+                    VoteResult::Lost => {
+                        self.become_follower(self.term, None);
+                        Ok(())
+                    }
+                    VoteResult::Pending => Ok(()),
+                }
+            }
+            MessageBody::VoteResp { reject } if self.role == Role::Candidate => {
+                self.votes.insert(m.from, !reject);
+                match self.tally() {
+                    VoteResult::Won => self.become_leader(),
+                    VoteResult::Lost => {
+                        self.become_follower(self.term, None);
+                        Ok(())
+                    }
+                    VoteResult::Pending => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn step_follower(&mut self, m: Message) -> Result<(), Error> {
+        match m.body {
+            MessageBody::App { prev_index, prev_term, entries, commit } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.handle_append(m.from, prev_index, prev_term, &entries, commit)
+            }
+            MessageBody::Heartbeat { commit, read } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                // The leader sends at most what we match; never trust it past our log.
+                self.log.commit_to(commit.min(self.log.last_index()));
+                self.send(m.from, self.term, MessageBody::HeartbeatResp { read });
+                Ok(())
+            }
+            MessageBody::InstallLog { start, commit } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.handle_install_log(m.from, start, commit)
+            }
+            MessageBody::TimeoutNow => self.campaign(Campaign::Transfer),
+            MessageBody::ReadIndexResp { context, index } => {
+                self.read_states.push(ReadState { index, context });
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev_index: LogIndex,
+        prev_term: Term,
+        entries: &[Entry],
+        commit: LogIndex,
+    ) -> Result<(), Error> {
+        if prev_index < self.log.committed {
+            let committed = self.log.committed;
+            self.send(from, self.term, MessageBody::AppResp { index: committed, reject: None });
+            return Ok(());
+        }
+        match self.log.maybe_append(prev_index, prev_term, entries) {
+            Ok(Some(last_new)) => {
+                self.log.commit_to(commit.min(last_new));
+                self.send(from, self.term, MessageBody::AppResp { index: last_new, reject: None });
+            }
+            Ok(None) => {
+                let (index, term) = self.log.find_conflict_by_term(prev_index, prev_term)?;
+                let reject = Some(RejectHint { index, term });
+                self.send(from, self.term, MessageBody::AppResp { index: prev_index, reject });
+            }
+            Err(AppendError::ConflictsWithCommitted) => {
+                return Err(Error::InvalidMessage {
+                    from,
+                    reason: "append would replace a committed entry",
+                });
+            }
+            Err(AppendError::Store(err)) => return Err(err.into()),
+        }
+        Ok(())
+    }
+
+    fn handle_install_log(&mut self, from: NodeId, start: LogStart, commit: LogIndex) -> Result<(), Error> {
+        let before = start.first_index.prev();
+        if before <= self.log.committed {
+            let committed = self.log.committed;
+            self.send(from, self.term, MessageBody::AppResp { index: committed, reject: None });
+            return Ok(());
+        }
+        if self.log.match_term(before, start.prev_term)? {
+            // Our log already holds the leader's entry there: just learn that it is committed.
+            self.log.commit_to(before);
+        } else {
+            self.log.restart(start.clone());
+            self.membership = start.membership;
+            self.membership_changed = true;
+        }
+        self.log.commit_to(commit.min(before));
+        self.send(from, self.term, MessageBody::AppResp { index: before, reject: None });
+        Ok(())
+    }
+
+    fn handle_append_response(
+        &mut self,
+        from: NodeId,
+        index: LogIndex,
+        reject: Option<RejectHint>,
+    ) -> Result<(), Error> {
+        if index > self.log.last_index() {
+            return Err(Error::InvalidMessage { from, reason: "acknowledged beyond the leader's log" });
+        }
+        let Some(pr) = self.progress.get_mut(&from) else { return Ok(()) };
+        pr.recent_active = true;
+        if let Some(hint) = reject {
+            let probe = if hint.term.0 > 0 {
+                self.log.find_conflict_by_term(hint.index, hint.term)?.0
+            } else {
+                hint.index
+            };
+            let pr = self.progress.get_mut(&from).expect("looked up above");
+            if pr.maybe_decrease_to(index, probe) {
+                if pr.state == ProgressState::Replicate {
+                    pr.become_probe();
+                }
+                self.send_append(from, true)?;
+            }
+            return Ok(());
+        }
+        let was_paused = pr.is_paused();
+        if let ProgressState::Snapshot { pending } = pr.state {
+            if index >= pending {
+                // The follower restarted its log where we told it to (or already had it).
+                pr.become_probe();
+            }
+        }
+        if !pr.maybe_update(index) {
+            if was_paused && !pr.is_paused() {
+                self.send_append(from, true)?;
+            }
+            return Ok(());
+        }
+        match pr.state {
+            ProgressState::Probe => pr.become_replicate(),
+            ProgressState::Replicate => pr.inflights.free_up_to(index),
+            ProgressState::Snapshot { .. } => {}
+        }
+        if self.maybe_commit()? {
+            self.bcast_append()?;
+        } else if was_paused {
+            self.send_append(from, true)?;
+        }
+        while self.send_append(from, false)? {}
+        let caught_up = self.progress.get(&from).is_some_and(|pr| pr.matched == self.log.last_index());
+        if self.transferee == Some(from) && caught_up {
+            self.send(from, self.term, MessageBody::TimeoutNow);
+        }
+        Ok(())
+    }
+
+    fn handle_heartbeat_response(&mut self, from: NodeId, read: Option<u64>) -> Result<(), Error> {
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else { return Ok(()) };
+        pr.recent_active = true;
+        pr.probe_sent = false;
+        // A heartbeat answer proves the follower is alive: free a slot so that a window full of
+        // lost acknowledgements cannot stall replication for good.
+        if pr.state == ProgressState::Replicate && pr.inflights.is_full() {
+            pr.inflights.free_first();
+        }
+        if pr.matched < last {
+            self.send_append(from, true)?;
+        }
+        if let Some(seq) = read {
+            self.reads.ack(from, seq);
+            self.release_reads();
+        }
+        Ok(())
+    }
+
+    fn release_reads(&mut self) {
+        for read in self.reads.release(&self.membership, self.id) {
+            self.answer_read(read.requester, read.context, read.index);
+        }
+    }
+
+    fn answer_read(&mut self, requester: Option<NodeId>, context: u64, index: LogIndex) {
+        match requester {
+            None => self.read_states.push(ReadState { index, context }),
+            Some(to) => self.send(to, self.term, MessageBody::ReadIndexResp { context, index }),
+        }
+    }
+
+    // ----- replication -----
+
+    /// Sends `to` the entries it needs (or a log restart), unless its progress is paused.
+    /// Without `send_if_empty`, sends only when there are entries. Returns whether it sent.
+    fn send_append(&mut self, to: NodeId, send_if_empty: bool) -> Result<bool, Error> {
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get(&to) else { return Ok(false) };
+        if pr.is_paused() || to == self.id {
+            return Ok(false);
+        }
+        let next = pr.next;
+        let prev_index = next.prev();
+        let prev_term = self.log.term_if_known(prev_index)?;
+        let entries = match prev_term {
+            Some(_) if next <= last => {
+                match self.log.entries(next..last.next(), self.cfg.msg_bytes_max) {
+                    Ok(entries) => Some(entries),
+                    Err(StoreError::Compacted { .. }) => None,
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Some(_) => Some(Vec::new()),
+            None => None,
+        };
+        let (Some(prev_term), Some(entries)) = (prev_term, entries) else {
+            return self.send_log_start(to);
+        };
+        if entries.is_empty() && !send_if_empty {
+            return Ok(false);
+        }
+        let bytes = entries.iter().map(Entry::size_bytes).sum();
+        let sent_last = entries.last().map(|e| e.index);
+        let commit = self.log.committed;
+        let pr = self.progress.get_mut(&to).expect("looked up above");
+        pr.sent_append(sent_last, bytes);
+        self.send(to, self.term, MessageBody::App { prev_index, prev_term, entries, commit });
+        Ok(true)
+    }
+
+    fn send_log_start(&mut self, to: NodeId) -> Result<bool, Error> {
+        let start = self.log.start();
+        let commit = self.log.committed;
+        let pr = self.progress.get_mut(&to).expect("caller looked it up");
+        pr.become_snapshot(start.first_index.prev());
+        self.send(to, self.term, MessageBody::InstallLog { start, commit });
+        Ok(true)
+    }
+
+    pub(crate) fn bcast_append(&mut self) -> Result<(), Error> {
+        let ids: Vec<NodeId> = self.progress.keys().copied().collect();
+        for id in ids {
+            self.send_append(id, true)?;
+        }
+        Ok(())
+    }
+
+    fn bcast_heartbeat(&mut self, read: Option<u64>) {
+        let committed = self.log.committed;
+        let targets: Vec<(NodeId, LogIndex)> = self
+            .progress
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(&id, pr)| (id, pr.matched.min(committed)))
+            .collect();
+        for (id, commit) in targets {
+            self.send(id, self.term, MessageBody::Heartbeat { commit, read });
+        }
+    }
+
+    /// Advances the commit index to what a quorum durably holds, if that is an entry of this
+    /// term (Raft's rule against Figure 8). Returns whether it moved.
+    pub(crate) fn maybe_commit(&mut self) -> Result<bool, Error> {
+        let quorum = self.membership.committed_index(|id| self.progress.get(&id).map(|p| p.matched));
+        if quorum <= self.log.committed || self.log.term_if_known(quorum)? != Some(self.term) {
+            return Ok(false);
+        }
+        let first_in_term = self.log.term_if_known(self.log.committed)? != Some(self.term);
+        self.log.commit_to(quorum);
+        if first_in_term {
+            // Reads that arrived before the leader had committed in its term can go now: its
+            // commit index is now at least every commit any earlier leader acknowledged.
+            for (requester, context) in std::mem::take(&mut self.reads_waiting_for_commit) {
+                self.read_index_as_leader(requester, context)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The caller reports our own log durable through `index` (the leader's self-ack).
+    pub(crate) fn persisted_to(&mut self, index: LogIndex) -> Result<(), Error> {
+        if self.role != Role::Leader {
+            return Ok(());
+        }
+        let updated = self.progress.get_mut(&self.id).is_some_and(|pr| pr.maybe_update(index));
+        if updated && self.maybe_commit()? {
+            self.bcast_append()?;
+        }
+        Ok(())
+    }
+
+    fn append_entries(&mut self, entries: Vec<(EntryKind, Bytes)>) -> LogIndex {
+        let mut index = self.log.last_index();
+        let term = self.term;
+        let entries = entries
+            .into_iter()
+            .map(|(kind, data)| {
+                index = index.next();
+                Entry { term, index, kind, data }
+            })
+            .collect();
+        self.log.append(entries);
+        index
+    }
+
+    // ----- proposals -----
+
+    fn check_can_propose(&self) -> Result<(), Error> {
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader { leader: self.leader });
+        }
+        if let Some(to) = self.transferee {
+            return Err(Error::TransferInProgress { to });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn propose(&mut self, data: Vec<Bytes>) -> Result<std::ops::RangeInclusive<LogIndex>, Error> {
+        self.check_can_propose()?;
+        let proposed_bytes: u64 = data.iter().map(|d| d.len() as u64).sum();
+        // One proposal may exceed the limit alone, or a single huge record could never go in.
+        if self.uncommitted_bytes > 0
+            && self.uncommitted_bytes.saturating_add(proposed_bytes) > self.cfg.uncommitted_bytes_max
+        {
+            return Err(Error::UncommittedBytesExceeded {
+                uncommitted_bytes: self.uncommitted_bytes,
+                proposed_bytes,
+                max_bytes: self.cfg.uncommitted_bytes_max,
+            });
+        }
+        let first = self.log.last_index().next();
+        if data.is_empty() {
+            return Ok(first..=first.prev());
+        }
+        self.uncommitted_bytes += proposed_bytes;
+        let last = self.append_entries(data.into_iter().map(|d| (EntryKind::Normal, d)).collect());
+        self.bcast_append()?;
+        Ok(first..=last)
+    }
+
+    pub(crate) fn propose_conf_change(&mut self, change: &ConfChange) -> Result<LogIndex, Error> {
+        self.check_can_propose()?;
+        if self.pending_conf_index > self.log.applied {
+            return Err(Error::ConfChangePending { index: self.pending_conf_index });
+        }
+        self.membership.apply(change).map_err(|reason| Error::InvalidConfChange { reason })?;
+        let index = self.append_entries(vec![(EntryKind::ConfChange, Bytes::from(change.encode()))]);
+        self.pending_conf_index = index;
+        self.bcast_append()?;
+        Ok(index)
+    }
+
+    /// Applies a committed membership change (the caller is being handed the entry). A change
+    /// that is invalid here was invalid on every node: all ignore it alike.
+    pub(crate) fn apply_conf_change(&mut self, change: &ConfChange) -> Result<(), Error> {
+        let Ok(next) = self.membership.apply(change) else { return Ok(()) };
+        self.membership = next;
+        self.membership_changed = true;
+        if self.role != Role::Leader {
+            return Ok(());
+        }
+        let members = self.membership.members();
+        let next_index = self.log.last_index().next();
+        self.progress.retain(|id, _| members.contains(id));
+        for id in members {
+            if !self.progress.contains_key(&id) {
+                let pr = self.new_progress(next_index);
+                self.progress.insert(id, pr);
+            }
+        }
+        if self.transferee.is_some_and(|to| !self.membership.is_voter(to)) {
+            self.transferee = None;
+        }
+        if !self.membership.is_voter(self.id) {
+            // A leader that is no longer a voter steps down once its removal is committed; the
+            // remaining voters elect a leader among themselves (thesis 4.2.2).
+            self.become_follower(self.term, None);
+            return Ok(());
+        }
+        if self.maybe_commit()? {
+            self.bcast_append()?;
+        }
+        Ok(())
+    }
+
+    /// Called after committed entries through `applied` were handed out.
+    pub(crate) fn after_apply(&mut self, applied_bytes: u64) -> Result<(), Error> {
+        if self.role != Role::Leader {
+            return Ok(());
+        }
+        self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(applied_bytes);
+        if self.membership.is_joint()
+            && self.membership.auto_leave
+            && self.log.applied >= self.pending_conf_index
+        {
+            let change = ConfChange::LeaveJoint;
+            let index = self.append_entries(vec![(EntryKind::ConfChange, Bytes::from(change.encode()))]);
+            self.pending_conf_index = index;
+            self.bcast_append()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn transfer_leader(&mut self, to: NodeId) -> Result<(), Error> {
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader { leader: self.leader });
+        }
+        if to == self.id {
+            return Ok(());
+        }
+        if !self.membership.is_voter(to) {
+            return Err(Error::InvalidTransfer { reason: "the target is not a voter" });
+        }
+        if self.transferee == Some(to) {
+            return Ok(());
+        }
+        self.transferee = Some(to);
+        self.election_elapsed = 0;
+        let caught_up = self.progress.get(&to).is_some_and(|pr| pr.matched == self.log.last_index());
+        if caught_up {
+            self.send(to, self.term, MessageBody::TimeoutNow);
+        } else {
+            self.send_append(to, true)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn read_index(&mut self, context: u64) -> Result<(), Error> {
+        match (self.role, self.leader) {
+            (Role::Leader, _) => self.read_index_as_leader(None, context),
+            (Role::Follower, Some(leader)) => {
+                self.send(leader, self.term, MessageBody::ReadIndex { context });
+                Ok(())
+            }
+            _ => Err(Error::NotLeader { leader: self.leader }),
+        }
+    }
+
+    fn read_index_as_leader(&mut self, requester: Option<NodeId>, context: u64) -> Result<(), Error> {
+        let voters = self.membership.all_voters();
+        if voters.len() == 1 && voters.contains(&self.id) {
+            let committed = self.log.committed;
+            self.answer_read(requester, context, committed);
+            return Ok(());
+        }
+        if self.log.term_if_known(self.log.committed)? != Some(self.term) {
+            if self.reads_waiting_for_commit.len() < crate::read_only::PENDING_READS_MAX {
+                self.reads_waiting_for_commit.push((requester, context));
+            }
+            return Ok(());
+        }
+        if self.reads.is_full() {
+            // Dropped: the caller times out and retries, as after a lost message.
+            return Ok(());
+        }
+        let seq = self.reads.add(self.log.committed, requester, context);
+        self.bcast_heartbeat(Some(seq));
+        Ok(())
+    }
+
+    pub(crate) fn report_unreachable(&mut self, id: NodeId) {
+        if let Some(pr) = self.progress.get_mut(&id) {
+            if pr.state == ProgressState::Replicate {
+                pr.become_probe();
+            }
+        }
+    }
+
+    pub(crate) fn report_log_start(&mut self, id: NodeId, delivered: bool) {
+        let Some(pr) = self.progress.get_mut(&id) else { return };
+        if let ProgressState::Snapshot { .. } = pr.state {
+            if !delivered {
+                pr.state = ProgressState::Snapshot { pending: LogIndex(0) };
+            }
+            pr.become_probe();
+            // Wait for the follower's answer (or a heartbeat's) before probing again.
+            pr.probe_sent = true;
+        }
+    }
+}
