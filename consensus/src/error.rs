@@ -22,7 +22,9 @@ pub enum Error {
         to: NodeId,
     },
     /// Accepting the proposal would take the leader's uncommitted bytes past its limit.
-    #[error("{uncommitted_bytes} bytes are uncommitted; {proposed_bytes} more would exceed {max_bytes}")]
+    #[error(
+        "{uncommitted_bytes} bytes are uncommitted; {proposed_bytes} more would exceed {max_bytes}"
+    )]
     UncommittedBytesExceeded {
         /// Bytes proposed and not yet committed.
         uncommitted_bytes: u64,

@@ -162,7 +162,11 @@ impl<S: LogStore> RaftLog<S> {
     /// Appends entries that follow the last index (the leader's own proposals).
     pub(crate) fn append(&mut self, entries: Vec<Entry>) {
         if let Some(first) = entries.first() {
-            assert_eq!(first.index, self.last_index().next(), "appended entries must follow the log");
+            assert_eq!(
+                first.index,
+                self.last_index().next(),
+                "appended entries must follow the log"
+            );
             assert!(first.index > self.committed, "appending over committed entries");
             self.truncate_and_append(entries);
         }

@@ -418,8 +418,20 @@ mod tests {
 
     #[test]
     fn joint_commit_needs_both_majorities() {
-        let m = Membership { voters: ids(&[1, 2, 3]), voters_outgoing: ids(&[1, 4, 5]), ..Default::default() };
-        let acked = |id: NodeId| Some(LogIndex(match id.0 { 1 => 9, 2 => 8, 3 => 2, 4 => 3, _ => 1 }));
+        let m = Membership {
+            voters: ids(&[1, 2, 3]),
+            voters_outgoing: ids(&[1, 4, 5]),
+            ..Default::default()
+        };
+        let acked = |id: NodeId| {
+            Some(LogIndex(match id.0 {
+                1 => 9,
+                2 => 8,
+                3 => 2,
+                4 => 3,
+                _ => 1,
+            }))
+        };
         // Incoming majority has 8, outgoing majority has 3.
         assert_eq!(m.committed_index(acked), LogIndex(3));
     }
@@ -470,7 +482,12 @@ mod tests {
             }
         }
         assert_eq!(ConfChange::decode(&[2, 0, 255, 255, 255, 255]), None);
-        let m = Membership { voters: ids(&[1, 2]), learners: ids(&[3]), auto_leave: true, ..Default::default() };
+        let m = Membership {
+            voters: ids(&[1, 2]),
+            learners: ids(&[3]),
+            auto_leave: true,
+            ..Default::default()
+        };
         assert_eq!(Membership::decode(&m.encode()), Some(m));
         assert_eq!(Membership::decode(&[9, 9, 9]), None);
     }

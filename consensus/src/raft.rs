@@ -348,10 +348,11 @@ impl<S: LogStore> Raft<S> {
                     // A stale leader whose messages we would ignore might never learn that it
                     // was deposed, and with pre-vote or check-quorum a node whose term ran ahead
                     // could stay cut off for good. Answering in our term fixes both.
-                    self.send(m.from, self.term, MessageBody::AppResp {
-                        index: LogIndex(0),
-                        reject: None,
-                    });
+                    self.send(
+                        m.from,
+                        self.term,
+                        MessageBody::AppResp { index: LogIndex(0), reject: None },
+                    );
                 }
                 MessageBody::PreVote { .. } => {
                     self.send(m.from, self.term, MessageBody::PreVoteResp { reject: true });
@@ -415,7 +416,9 @@ impl<S: LogStore> Raft<S> {
 
     fn step_leader(&mut self, m: Message) -> Result<(), Error> {
         match m.body {
-            MessageBody::AppResp { index, reject } => self.handle_append_response(m.from, index, reject),
+            MessageBody::AppResp { index, reject } => {
+                self.handle_append_response(m.from, index, reject)
+            }
             MessageBody::HeartbeatResp { read } => self.handle_heartbeat_response(m.from, read),
             MessageBody::ReadIndex { context } => self.read_index_as_leader(Some(m.from), context),
             // Only a leader sends these and there is one leader per term; a vote response
@@ -426,7 +429,9 @@ impl<S: LogStore> Raft<S> {
 
     fn step_candidate(&mut self, m: Message) -> Result<(), Error> {
         match m.body {
-            MessageBody::App { .. } | MessageBody::Heartbeat { .. } | MessageBody::InstallLog { .. } => {
+            MessageBody::App { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::InstallLog { .. } => {
                 self.become_follower(self.term, Some(m.from));
                 self.step_follower(m)
             }
@@ -519,7 +524,12 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
-    fn handle_install_log(&mut self, from: NodeId, start: LogStart, commit: LogIndex) -> Result<(), Error> {
+    fn handle_install_log(
+        &mut self,
+        from: NodeId,
+        start: LogStart,
+        commit: LogIndex,
+    ) -> Result<(), Error> {
         let before = start.first_index.prev();
         if before <= self.log.committed {
             let committed = self.log.committed;
@@ -546,7 +556,10 @@ impl<S: LogStore> Raft<S> {
         reject: Option<RejectHint>,
     ) -> Result<(), Error> {
         if index > self.log.last_index() {
-            return Err(Error::InvalidMessage { from, reason: "acknowledged beyond the leader's log" });
+            return Err(Error::InvalidMessage {
+                from,
+                reason: "acknowledged beyond the leader's log",
+            });
         }
         let Some(pr) = self.progress.get_mut(&from) else { return Ok(()) };
         pr.recent_active = true;
@@ -589,7 +602,8 @@ impl<S: LogStore> Raft<S> {
             self.send_append(from, true)?;
         }
         while self.send_append(from, false)? {}
-        let caught_up = self.progress.get(&from).is_some_and(|pr| pr.matched == self.log.last_index());
+        let caught_up =
+            self.progress.get(&from).is_some_and(|pr| pr.matched == self.log.last_index());
         if self.transferee == Some(from) && caught_up {
             self.send(from, self.term, MessageBody::TimeoutNow);
         }
@@ -701,7 +715,8 @@ impl<S: LogStore> Raft<S> {
     /// Advances the commit index to what a quorum durably holds, if that is an entry of this
     /// term (Raft's rule against Figure 8). Returns whether it moved.
     pub(crate) fn maybe_commit(&mut self) -> Result<bool, Error> {
-        let quorum = self.membership.committed_index(|id| self.progress.get(&id).map(|p| p.matched));
+        let quorum =
+            self.membership.committed_index(|id| self.progress.get(&id).map(|p| p.matched));
         if quorum <= self.log.committed || self.log.term_if_known(quorum)? != Some(self.term) {
             return Ok(false);
         }
@@ -755,12 +770,16 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
-    pub(crate) fn propose(&mut self, data: Vec<Bytes>) -> Result<std::ops::RangeInclusive<LogIndex>, Error> {
+    pub(crate) fn propose(
+        &mut self,
+        data: Vec<Bytes>,
+    ) -> Result<std::ops::RangeInclusive<LogIndex>, Error> {
         self.check_can_propose()?;
         let proposed_bytes: u64 = data.iter().map(|d| d.len() as u64).sum();
         // One proposal may exceed the limit alone, or a single huge record could never go in.
         if self.uncommitted_bytes > 0
-            && self.uncommitted_bytes.saturating_add(proposed_bytes) > self.cfg.uncommitted_bytes_max
+            && self.uncommitted_bytes.saturating_add(proposed_bytes)
+                > self.cfg.uncommitted_bytes_max
         {
             return Err(Error::UncommittedBytesExceeded {
                 uncommitted_bytes: self.uncommitted_bytes,
@@ -784,7 +803,8 @@ impl<S: LogStore> Raft<S> {
             return Err(Error::ConfChangePending { index: self.pending_conf_index });
         }
         self.membership.apply(change).map_err(|reason| Error::InvalidConfChange { reason })?;
-        let index = self.append_entries(vec![(EntryKind::ConfChange, Bytes::from(change.encode()))]);
+        let index =
+            self.append_entries(vec![(EntryKind::ConfChange, Bytes::from(change.encode()))]);
         self.pending_conf_index = index;
         self.bcast_append()?;
         Ok(index)
@@ -834,7 +854,8 @@ impl<S: LogStore> Raft<S> {
             && self.log.applied >= self.pending_conf_index
         {
             let change = ConfChange::LeaveJoint;
-            let index = self.append_entries(vec![(EntryKind::ConfChange, Bytes::from(change.encode()))]);
+            let index =
+                self.append_entries(vec![(EntryKind::ConfChange, Bytes::from(change.encode()))]);
             self.pending_conf_index = index;
             self.bcast_append()?;
         }
@@ -856,7 +877,8 @@ impl<S: LogStore> Raft<S> {
         }
         self.transferee = Some(to);
         self.election_elapsed = 0;
-        let caught_up = self.progress.get(&to).is_some_and(|pr| pr.matched == self.log.last_index());
+        let caught_up =
+            self.progress.get(&to).is_some_and(|pr| pr.matched == self.log.last_index());
         if caught_up {
             self.send(to, self.term, MessageBody::TimeoutNow);
         } else {
@@ -876,7 +898,11 @@ impl<S: LogStore> Raft<S> {
         }
     }
 
-    fn read_index_as_leader(&mut self, requester: Option<NodeId>, context: u64) -> Result<(), Error> {
+    fn read_index_as_leader(
+        &mut self,
+        requester: Option<NodeId>,
+        context: u64,
+    ) -> Result<(), Error> {
         let voters = self.membership.all_voters();
         if voters.len() == 1 && voters.contains(&self.id) {
             let committed = self.log.committed;
