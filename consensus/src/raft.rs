@@ -30,6 +30,9 @@ pub enum Role {
     Leader,
 }
 
+/// The largest term or index a peer may name (see `validate`).
+const VALUE_MAX: u64 = 1 << 62;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Campaign {
     PreElection,
@@ -383,6 +386,31 @@ impl<S: LogStore> Raft<S> {
         if m.from == self.id || m.from.0 == 0 {
             return invalid("bad sender id");
         }
+        // No real cluster reaches 2^62 terms or entries; refusing larger values up front means
+        // no arithmetic on a peer's numbers can overflow.
+        let implausible = |v: u64| v > VALUE_MAX;
+        let too_large = implausible(m.term.0)
+            || match &m.body {
+                MessageBody::PreVote { last_index, last_term }
+                | MessageBody::Vote { last_index, last_term, .. } => {
+                    implausible(last_index.0) || implausible(last_term.0)
+                }
+                MessageBody::App { prev_index, commit, .. } => {
+                    implausible(prev_index.0) || implausible(commit.0)
+                }
+                MessageBody::AppResp { index, reject } => {
+                    implausible(index.0) || reject.is_some_and(|h| implausible(h.index.0))
+                }
+                MessageBody::Heartbeat { commit, .. } => implausible(commit.0),
+                MessageBody::InstallLog { start, commit } => {
+                    implausible(start.first_index.0) || implausible(commit.0)
+                }
+                MessageBody::ReadIndexResp { index, .. } => implausible(index.0),
+                _ => false,
+            };
+        if too_large {
+            return invalid("a term or index is implausibly large");
+        }
         match &m.body {
             MessageBody::App { prev_index, prev_term, entries, .. } => {
                 if *prev_term > m.term {
@@ -579,11 +607,11 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
         let was_paused = pr.is_paused();
-        if let ProgressState::Snapshot { pending } = pr.state {
-            if index >= pending {
-                // The follower restarted its log where we told it to (or already had it).
-                pr.become_probe();
-            }
+        if let ProgressState::Snapshot { pending } = pr.state
+            && index >= pending
+        {
+            // The follower restarted its log where we told it to (or already had it).
+            pr.become_probe();
         }
         if !pr.maybe_update(index) {
             if was_paused && !pr.is_paused() {
@@ -925,10 +953,10 @@ impl<S: LogStore> Raft<S> {
     }
 
     pub(crate) fn report_unreachable(&mut self, id: NodeId) {
-        if let Some(pr) = self.progress.get_mut(&id) {
-            if pr.state == ProgressState::Replicate {
-                pr.become_probe();
-            }
+        if let Some(pr) = self.progress.get_mut(&id)
+            && pr.state == ProgressState::Replicate
+        {
+            pr.become_probe();
         }
     }
 
