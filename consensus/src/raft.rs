@@ -613,7 +613,10 @@ impl<S: LogStore> Raft<S> {
             // The follower restarted its log where we told it to (or already had it).
             pr.become_probe();
         }
-        if !pr.maybe_update(index) {
+        // A probe answered at exactly the known match also proves where the logs match: the
+        // follower can be streamed to even though nothing new was acknowledged.
+        let probe_matched = pr.state == ProgressState::Probe && pr.matched == index;
+        if !pr.maybe_update(index) && !probe_matched {
             if was_paused && !pr.is_paused() {
                 self.send_append(from, true)?;
             }
@@ -850,10 +853,12 @@ impl<S: LogStore> Raft<S> {
         let members = self.membership.members();
         let next_index = self.log.last_index().next();
         self.progress.retain(|id, _| members.contains(id));
+        let mut added = Vec::new();
         for id in members {
             if !self.progress.contains_key(&id) {
                 let pr = self.new_progress(next_index);
                 self.progress.insert(id, pr);
+                added.push(id);
             }
         }
         if self.transferee.is_some_and(|to| !self.membership.is_voter(to)) {
@@ -867,6 +872,10 @@ impl<S: LogStore> Raft<S> {
         }
         if self.maybe_commit()? {
             self.bcast_append()?;
+        }
+        for id in added {
+            // Start probing a new member now rather than at the next heartbeat answer.
+            self.send_append(id, true)?;
         }
         Ok(())
     }
