@@ -52,4 +52,5 @@ pub use progress::{Inflights, Progress, ProgressState};
 pub use raft::Role;
 pub use raftwal_types::{HardState, LogIndex, NodeId, Term};
 pub use raw_node::{RawNode, Ready, Restored, SoftState, Status, bootstrap};
+pub use rng::SplitMix64;
 pub use storage::{LogStore, MemLog, StoreError};

@@ -14,7 +14,7 @@ use crate::membership::{ConfChange, Membership, VoteResult};
 use crate::message::{Entry, EntryKind, LogStart, Message, MessageBody, ReadState, RejectHint};
 use crate::progress::{Inflights, Progress, ProgressState};
 use crate::read_only::ReadOnly;
-use crate::rng::Rng;
+use crate::rng::SplitMix64;
 use crate::storage::{LogStore, StoreError};
 
 /// A node's role in its current term.
@@ -70,7 +70,7 @@ pub(crate) struct Raft<S> {
     /// Messages to send only once the Ready's hard state and entries are durable.
     pub(crate) msgs_after_persist: Vec<Message>,
     pub(crate) read_states: Vec<ReadState>,
-    rng: Rng,
+    rng: SplitMix64,
 }
 
 impl<S: LogStore> Raft<S> {
@@ -81,7 +81,7 @@ impl<S: LogStore> Raft<S> {
         log: RaftLog<S>,
         membership: Membership,
     ) -> Raft<S> {
-        let rng = Rng::new(cfg.seed ^ cfg.id.0.rotate_left(32));
+        let rng = SplitMix64::new(cfg.seed ^ cfg.id.0.rotate_left(32));
         let mut raft = Raft {
             id: cfg.id,
             term,

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 use raftwal_consensus::{
     Config, Entry, EntryKind, Error, GroupId, LogIndex, LogStart, LogStore, MemLog, Membership,
-    Message, MessageBody, NodeId, RawNode, Ready, RejectHint, Restored, Role, Term, bootstrap,
+    Message, MessageBody, NodeId, RawNode, Ready, RejectHint, Restored, Role, SplitMix64, Term,
+    bootstrap,
 };
 
 /// A cluster whose nodes persist every Ready at once and whose network delivers in order.
@@ -101,6 +102,24 @@ fn msg(from: u64, to: u64, term: u64, body: MessageBody) -> Message {
     Message { group: GroupId(1), from: NodeId(from), to: NodeId(to), term: Term(term), body }
 }
 
+/// An append from `from` in `term` after `prev` = (index, term).
+fn app(
+    from: u64,
+    to: u64,
+    term: u64,
+    prev: (u64, u64),
+    entries: Vec<Entry>,
+    commit: u64,
+) -> Message {
+    let (prev_index, prev_term) = (LogIndex(prev.0), Term(prev.1));
+    msg(
+        from,
+        to,
+        term,
+        MessageBody::App { prev_index, prev_term, entries, commit: LogIndex(commit) },
+    )
+}
+
 fn entry(term: u64, index: u64, data: &str) -> Entry {
     Entry {
         term: Term(term),
@@ -180,17 +199,7 @@ fn leader_append_only_a_leader_never_rewrites_its_log() {
     let term = net.raw(1).status().term;
     // A forged append in the leader's own term, claiming another leader: no correct node sends
     // it, and the leader must not take it.
-    let forged = msg(
-        2,
-        1,
-        term.0,
-        MessageBody::App {
-            prev_index: LogIndex(4),
-            prev_term: term,
-            entries: vec![entry(term.0, 5, "x")],
-            commit: LogIndex(5),
-        },
-    );
+    let forged = app(2, 1, term.0, (4, term.0), vec![entry(term.0, 5, "x")], 5);
     net.raw(1).step(forged).expect("ignored");
     net.settle();
     assert_eq!(net.raw(1).store().all(), &before[..]);
@@ -202,25 +211,12 @@ fn log_matching_a_follower_accepts_only_after_a_matching_entry() {
     let voters = [NodeId(1), NodeId(2), NodeId(3)];
     let mut raw = node(2, &voters, |_| {});
     answers(&mut raw);
-    let app = |prev_index, prev_term, entries| {
-        msg(
-            1,
-            2,
-            2,
-            MessageBody::App {
-                prev_index: LogIndex(prev_index),
-                prev_term: Term(prev_term),
-                entries,
-                commit: LogIndex(3),
-            },
-        )
-    };
     // Index 3 holds term 1, not term 2: refused, with a hint at our entry of term <= 2.
-    raw.step(app(3, 2, vec![entry(2, 4, "a")])).expect("step");
+    raw.step(app(1, 2, 2, (3, 2), vec![entry(2, 4, "a")], 3)).expect("step");
     // Index 5 is beyond our log: refused.
-    raw.step(app(5, 2, vec![entry(2, 6, "b")])).expect("step");
+    raw.step(app(1, 2, 2, (5, 2), vec![entry(2, 6, "b")], 3)).expect("step");
     // Index 3 with term 1 matches: accepted.
-    raw.step(app(3, 1, vec![entry(2, 4, "a"), entry(2, 5, "b")])).expect("step");
+    raw.step(app(1, 2, 2, (3, 1), vec![entry(2, 4, "a"), entry(2, 5, "b")], 3)).expect("step");
     let replies: Vec<MessageBody> = answers(&mut raw).into_iter().map(|m| m.body).collect();
     let hint = |index, term| Some(RejectHint { index: LogIndex(index), term: Term(term) });
     assert_eq!(
@@ -232,17 +228,7 @@ fn log_matching_a_follower_accepts_only_after_a_matching_entry() {
         ]
     );
     // A new leader's conflicting entry replaces ours from the conflict on, keeping the match.
-    let replace = msg(
-        3,
-        2,
-        3,
-        MessageBody::App {
-            prev_index: LogIndex(4),
-            prev_term: Term(2),
-            entries: vec![entry(3, 5, "c")],
-            commit: LogIndex(3),
-        },
-    );
+    let replace = app(3, 2, 3, (4, 2), vec![entry(3, 5, "c")], 3);
     raw.step(replace).expect("step");
     answers(&mut raw);
     let log: Vec<(u64, u64)> = raw.store().all().iter().map(|e| (e.term.0, e.index.0)).collect();
@@ -254,18 +240,7 @@ fn leader_completeness_voters_refuse_candidates_with_older_logs() {
     let voters = [NodeId(1), NodeId(2), NodeId(3)];
     let mut raw = node(3, &voters, |_| {});
     answers(&mut raw);
-    raw.step(msg(
-        1,
-        3,
-        2,
-        MessageBody::App {
-            prev_index: LogIndex(3),
-            prev_term: Term(1),
-            entries: vec![entry(2, 4, "a")],
-            commit: LogIndex(3),
-        },
-    ))
-    .expect("step");
+    raw.step(app(1, 3, 2, (3, 1), vec![entry(2, 4, "a")], 3)).expect("step");
     answers(&mut raw);
     // Our log ends at 2/4. Each request comes in a fresh term so the vote is free.
     let cases = [
@@ -375,33 +350,18 @@ fn messages_from_stale_terms_change_nothing_and_newer_terms_are_adopted() {
     );
 }
 
-/// SplitMix64, so the fuzz below replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Small values mostly, extreme ones sometimes.
-    fn int(&mut self) -> u64 {
-        match self.below(10) {
-            0 => u64::MAX - self.below(3),
-            1 => self.next(),
-            _ => self.below(12),
-        }
+/// Small values mostly, extreme ones sometimes.
+fn int(rng: &mut SplitMix64) -> u64 {
+    match rng.below(10) {
+        0 => u64::MAX - rng.below(3),
+        1 => rng.next_u64(),
+        _ => rng.below(12),
     }
 }
 
-fn random_message(rng: &mut Rng, to: u64) -> Message {
-    let index = |rng: &mut Rng| LogIndex(rng.int());
-    let term = |rng: &mut Rng| Term(rng.int());
+fn random_message(rng: &mut SplitMix64, to: u64) -> Message {
+    let index = |rng: &mut SplitMix64| LogIndex(int(rng));
+    let term = |rng: &mut SplitMix64| Term(int(rng));
     let body = match rng.below(12) {
         0 => MessageBody::PreVote { last_index: index(rng), last_term: term(rng) },
         1 => MessageBody::PreVoteResp { reject: rng.below(2) == 0 },
@@ -413,18 +373,18 @@ fn random_message(rng: &mut Rng, to: u64) -> Message {
         3 => MessageBody::VoteResp { reject: rng.below(2) == 0 },
         4 => {
             let prev_index = index(rng);
-            let first = if rng.below(2) == 0 { prev_index.0.wrapping_add(1) } else { rng.int() };
+            let first = if rng.below(2) == 0 { prev_index.0.wrapping_add(1) } else { int(rng) };
             let count = rng.below(4);
             let entries =
-                (0..count).map(|i| entry(rng.int(), first.wrapping_add(i), "fuzz")).collect();
+                (0..count).map(|i| entry(int(rng), first.wrapping_add(i), "fuzz")).collect();
             MessageBody::App { prev_index, prev_term: term(rng), entries, commit: index(rng) }
         }
         5 => MessageBody::AppResp {
             index: index(rng),
             reject: (rng.below(2) == 0).then(|| RejectHint { index: index(rng), term: term(rng) }),
         },
-        6 => MessageBody::Heartbeat { commit: index(rng), read: Some(rng.int()) },
-        7 => MessageBody::HeartbeatResp { read: Some(rng.int()) },
+        6 => MessageBody::Heartbeat { commit: index(rng), read: Some(int(rng)) },
+        7 => MessageBody::HeartbeatResp { read: Some(int(rng)) },
         8 => MessageBody::InstallLog {
             start: LogStart {
                 first_index: index(rng),
@@ -434,18 +394,18 @@ fn random_message(rng: &mut Rng, to: u64) -> Message {
             commit: index(rng),
         },
         9 => MessageBody::TimeoutNow,
-        10 => MessageBody::ReadIndex { context: rng.next() },
-        _ => MessageBody::ReadIndexResp { context: rng.next(), index: index(rng) },
+        10 => MessageBody::ReadIndex { context: rng.next_u64() },
+        _ => MessageBody::ReadIndexResp { context: rng.next_u64(), index: index(rng) },
     };
-    let from = if rng.below(20) == 0 { rng.int() } else { 1 + rng.below(4) };
-    let to = if rng.below(20) == 0 { rng.int() } else { to };
+    let from = if rng.below(20) == 0 { int(rng) } else { 1 + rng.below(4) };
+    let to = if rng.below(20) == 0 { int(rng) } else { to };
     let group = GroupId(if rng.below(20) == 0 { 2 } else { 1 });
     Message { group, from: NodeId(from), to: NodeId(to), term: term(rng), body }
 }
 
 #[test]
 fn random_messages_never_panic_a_node_in_any_role() {
-    let mut rng = Rng(0x5eed);
+    let mut rng = SplitMix64::new(0x5eed);
     let mut refused = 0u64;
     for round in 0..300 {
         let mut net = Net::new(3, |_| {});
@@ -480,32 +440,11 @@ fn an_append_below_the_commit_index_cannot_replace_committed_entries() {
     let voters = [NodeId(1), NodeId(2), NodeId(3)];
     let mut raw = node(2, &voters, |_| {});
     answers(&mut raw);
-    raw.step(msg(
-        1,
-        2,
-        2,
-        MessageBody::App {
-            prev_index: LogIndex(3),
-            prev_term: Term(1),
-            entries: vec![entry(2, 4, "a")],
-            commit: LogIndex(4),
-        },
-    ))
-    .expect("step");
+    raw.step(app(1, 2, 2, (3, 1), vec![entry(2, 4, "a")], 4)).expect("step");
     answers(&mut raw);
     assert_eq!(raw.status().commit, LogIndex(4));
     // A (broken) leader of a later term sends a different entry at the committed index 4.
-    let conflicting = msg(
-        3,
-        2,
-        3,
-        MessageBody::App {
-            prev_index: LogIndex(3),
-            prev_term: Term(1),
-            entries: vec![entry(3, 4, "z"), entry(3, 5, "y")],
-            commit: LogIndex(5),
-        },
-    );
+    let conflicting = app(3, 2, 3, (3, 1), vec![entry(3, 4, "z"), entry(3, 5, "y")], 5);
     raw.step(conflicting).expect("answered");
     let replies: Vec<MessageBody> = answers(&mut raw).into_iter().map(|m| m.body).collect();
     // The follower answers with its commit index so the leader resends from there; nothing
