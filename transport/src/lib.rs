@@ -7,6 +7,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod certs;
+mod endpoint;
 pub mod frame;
+mod tls;
 
+pub use endpoint::{Lane, SendError, StartError, Transport, TransportConfig};
 pub use frame::{EncodedFrame, FrameError, FrameLimits, decode, encode};
+pub use tls::{ALPN, Identity, TlsError, node_name};
