@@ -181,12 +181,11 @@ impl<S: LogStore> RawNode<S> {
         let first = store.first_index();
         let last = store.last_index();
         let start = store.start();
-        let mut commit = hard_state.commit;
+        // A caller may apply committed entries before the hard state that committed them is
+        // durable (Ready step 4 before step 3): what it applied is committed all the same.
+        let mut commit = hard_state.commit.max(applied);
         if commit > last {
             return Err(Error::InvalidRestore { reason: "the commit index is beyond the log" });
-        }
-        if applied > commit.max(first.prev()) {
-            return Err(Error::InvalidRestore { reason: "applied is beyond the commit index" });
         }
         if applied < first.prev() {
             // What was applied is compacted away; the log start carries the membership there.
