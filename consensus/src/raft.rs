@@ -250,6 +250,12 @@ impl<S: LogStore> Raft<S> {
         if !self.promotable() || self.role == Role::Leader {
             return Ok(());
         }
+        if self.has_unapplied_conf_changes()? {
+            // Votes are counted by the applied membership. Behind a committed change it may be
+            // two changes behind the group, whose majorities need not overlap ours: two leaders
+            // could win one term. Wait until it is applied (etcd's hasUnappliedConfChanges).
+            return Ok(());
+        }
         let vote_term = if kind == Campaign::PreElection {
             self.become_pre_candidate();
             Term(self.term.0 + 1)
@@ -280,6 +286,20 @@ impl<S: LogStore> Raft<S> {
             self.send(id, vote_term, body);
         }
         Ok(())
+    }
+
+    /// Whether a membership change between the applied and the commit index is not applied yet.
+    fn has_unapplied_conf_changes(&self) -> Result<bool, Error> {
+        let end = self.log.committed.next();
+        let mut next = self.log.applied.next();
+        while next < end {
+            let page = self.log.entries(next..end, self.cfg.apply_bytes_max)?;
+            if page.iter().any(|entry| entry.kind == EntryKind::ConfChange) {
+                return Ok(true);
+            }
+            next = page.last().expect("a non-empty range reads at least one entry").index.next();
+        }
+        Ok(false)
     }
 
     fn tally(&self) -> VoteResult {

@@ -204,6 +204,11 @@ impl Cluster {
     fn process_ready(&mut self, ids: &[NodeId], out: &mut String) -> bool {
         let mut any = false;
         for &id in ids {
+            // Readies must be written in order: a newer one cannot be persisted past held ones.
+            assert!(
+                self.node(id).held.is_empty(),
+                "node {id} has held Readies: persist them first"
+            );
             if let Some(ready) = self.take_ready(id, out) {
                 self.persist(id, ready);
                 any = true;
@@ -287,6 +292,9 @@ impl Cluster {
             s.membership
         )
         .ok();
+        if let Some(to) = s.transferee {
+            writeln!(out, "  transferring leadership to {to}").ok();
+        }
         if s.role == Role::Leader {
             for (peer, pr) in &s.progress {
                 let state = match pr.state {
@@ -294,13 +302,17 @@ impl Cluster {
                     ProgressState::Replicate => "Replicate".to_string(),
                     ProgressState::Snapshot { pending } => format!("Snapshot({pending})"),
                 };
+                // A full window pauses a Replicate follower: nothing more is sent until an
+                // acknowledgement (or a heartbeat answer) frees a slot.
+                let full = pr.state == ProgressState::Replicate && pr.inflights.is_full();
                 writeln!(
                     out,
-                    "  {peer}: {state} match={} next={} inflight={}/{}B{}{}",
+                    "  {peer}: {state} match={} next={} inflight={}/{}B{}{}{}",
                     pr.matched,
                     pr.next,
                     pr.inflights.count(),
                     pr.inflights.bytes(),
+                    if full { " full" } else { "" },
                     if pr.probe_sent { " probe-sent" } else { "" },
                     if pr.recent_active { " active" } else { "" },
                 )
@@ -574,4 +586,39 @@ macro_rules! scripts {
     };
 }
 
-scripts!(election_basic);
+scripts!(
+    election_basic,
+    pre_vote_election,
+    vote_refused_stale_log,
+    check_quorum_lease,
+    check_quorum_step_down,
+    pre_vote_rejoin,
+    figure_8,
+    figure_8_overwrite,
+    conflicting_logs_truncated,
+    out_of_order_app_resp,
+    lost_ack_heartbeat,
+    heartbeat_commit,
+    fast_backtracking,
+    inflight_window_count,
+    inflight_window_bytes,
+    max_msg_size,
+    uncommitted_bytes_cap,
+    async_leader_writes,
+    crash_unpersisted_ready,
+    read_index_leader,
+    read_index_follower,
+    read_index_new_leader,
+    transfer_leader_catch_up,
+    transfer_abandoned,
+    learner_never_votes,
+    learner_promotion,
+    joint_auto_leave,
+    joint_explicit_leave,
+    joint_remove_leader,
+    follower_behind_first_index,
+    report_unreachable,
+    add_node_catch_up,
+    campaign_unapplied_conf_change,
+    joint_auto_leave_new_leader,
+);
