@@ -3,11 +3,13 @@
 //! Each mode measures raftwal and, in the same run, a baseline that shows what the hardware
 //! allows, so every figure comes with the ratio that says how close raftwal gets.
 //! Modes: `wal` (the write-ahead log against raw `pwrite` + `fdatasync`), `fsync` (what a sync
-//! costs into fallocated vs pre-written blocks).
+//! costs into fallocated vs pre-written blocks), `transport` (append messages between two
+//! endpoints against a plain quinn stream).
 
 #![forbid(unsafe_code)]
 
 mod fsync;
+mod transport;
 mod wal;
 
 use clap::{Parser, Subcommand};
@@ -25,11 +27,14 @@ enum Mode {
     Wal(wal::Args),
     /// fdatasync cost into fallocated-only vs pre-written blocks.
     Fsync(fsync::Args),
+    /// Append messages between two transports on loopback; compare with a plain quinn stream.
+    Transport(transport::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
         Mode::Wal(args) => wal::run(&args),
         Mode::Fsync(args) => fsync::run(&args),
+        Mode::Transport(args) => transport::run(&args),
     }
 }

@@ -117,6 +117,34 @@ pub struct TransportConfig {
     pub connection_window_bytes: u32,
 }
 
+/// The QUIC server and client configurations the transport runs with (TLS, windows, timeouts),
+/// for baselines and tools that need a plain quinn endpoint configured the same way.
+pub fn quinn_configs(
+    config: &TransportConfig,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), StartError> {
+    let transport = Arc::new(quic_transport_config(config)?);
+    let server = tls::server_config(&config.identity, transport.clone())?;
+    let client = tls::client_config(&config.identity, transport)?;
+    Ok((server, client))
+}
+
+fn quic_transport_config(config: &TransportConfig) -> Result<quinn::TransportConfig, StartError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(quinn::VarInt::from_u32(config.stream_window_bytes))
+        .receive_window(quinn::VarInt::from_u32(config.connection_window_bytes))
+        .send_window(u64::from(config.connection_window_bytes))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(16))
+        .keep_alive_interval(Some(config.keep_alive))
+        .datagram_receive_buffer_size(None)
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(config.idle_timeout)
+                .map_err(|_| StartError::InvalidConfig { reason: "idle timeout out of range" })?,
+        ));
+    Ok(transport)
+}
+
 impl TransportConfig {
     /// LAN defaults: 4096 messages and 64 MiB per peer queue, 96 MiB frames, reconnect after
     /// 50 ms to 2 s, keep-alive 1 s, idle timeout 10 s, 16 MiB stream and 64 MiB connection
@@ -271,23 +299,7 @@ impl Transport {
         if config.queue_msgs_max == 0 || config.inbox_msgs_max == 0 || config.queue_bytes_max == 0 {
             return Err(StartError::InvalidConfig { reason: "queue limits must be positive" });
         }
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .stream_receive_window(quinn::VarInt::from_u32(config.stream_window_bytes))
-            .receive_window(quinn::VarInt::from_u32(config.connection_window_bytes))
-            .send_window(u64::from(config.connection_window_bytes))
-            .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
-            .max_concurrent_uni_streams(quinn::VarInt::from_u32(16))
-            .keep_alive_interval(Some(config.keep_alive))
-            .datagram_receive_buffer_size(None)
-            .max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(config.idle_timeout).map_err(|_| {
-                    StartError::InvalidConfig { reason: "idle timeout out of range" }
-                })?,
-            ));
-        let transport = Arc::new(transport);
-        let server_config = tls::server_config(&config.identity, transport.clone())?;
-        let client_config = tls::client_config(&config.identity, transport)?;
+        let (server_config, client_config) = quinn_configs(&config)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen)
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let (inbox_tx, inbox_rx) = mpsc::channel(config.inbox_msgs_max);

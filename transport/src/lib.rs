@@ -12,6 +12,6 @@ mod endpoint;
 pub mod frame;
 mod tls;
 
-pub use endpoint::{Lane, SendError, StartError, Transport, TransportConfig};
+pub use endpoint::{Lane, SendError, StartError, Transport, TransportConfig, quinn_configs};
 pub use frame::{EncodedFrame, FrameError, FrameLimits, decode, encode};
 pub use tls::{ALPN, Identity, TlsError, node_name};
