@@ -338,6 +338,22 @@ impl<S: LogStore> RawNode<S> {
         self.raft.persisted_to(persisted)
     }
 
+    /// The index of the last entry in the log, written or not; the next proposal goes after it
+    /// (cheaper than [`RawNode::status`] on every proposal).
+    pub fn last_index(&self) -> LogIndex {
+        self.raft.log.last_index()
+    }
+
+    /// The current term.
+    pub fn term(&self) -> Term {
+        self.raft.term
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.leader
+    }
+
     /// The node's state.
     pub fn status(&self) -> Status {
         let raft = &self.raft;
