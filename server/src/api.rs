@@ -1,0 +1,604 @@
+//! The gRPC API (`raftwal.v1`): appends go to the driver and complete at commit; reads and
+//! follows are served from the WAL's maps up to the settled index, on any node.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use raftwal_client::proto::admin_server::{Admin, AdminServer};
+use raftwal_client::proto::log_server::{Log, LogServer};
+use raftwal_client::proto::{self, follow_response};
+use raftwal_consensus::{ConfChange, ConfStep, LogIndex, NodeId, ProgressState, Role};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::config::NodeConfig;
+use crate::driver::{AppendOk, AppendReq, DriverError, DriverHandle, Event, InflightGuard, Shared};
+use crate::envelope::{self, Addresses, ProducerSeq};
+use crate::store;
+
+const READ_RECORDS_DEFAULT: u32 = 1000;
+const READ_RECORDS_MAX: u32 = 10_000;
+const READ_BYTES_DEFAULT: u32 = 4 << 20;
+const READ_BYTES_MAX: u32 = 32 << 20;
+/// Records per Follow message.
+const FOLLOW_BATCH_RECORDS: u32 = 1000;
+const FOLLOW_BATCH_BYTES: u32 = 1 << 20;
+
+#[derive(Debug, Clone)]
+struct Api {
+    shared: Arc<Shared>,
+    driver: DriverHandle,
+    limits: Limits,
+    followers: Arc<Semaphore>,
+    /// Turns true when the node stops: long-lived streams end so clients resume elsewhere.
+    stopping: watch::Receiver<bool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    record_bytes_max: u64,
+    request_bytes_max: u64,
+    appends_inflight_max: u64,
+    append_stream_window: u32,
+}
+
+/// Starts the gRPC server on `listener` until `shutdown` turns true.
+pub fn serve(
+    cfg: &NodeConfig,
+    shared: Arc<Shared>,
+    driver: DriverHandle,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let api = Api {
+        shared,
+        driver,
+        limits: Limits {
+            record_bytes_max: cfg.record_bytes_max,
+            request_bytes_max: cfg.request_bytes_max,
+            appends_inflight_max: cfg.appends_inflight_max,
+            append_stream_window: cfg.append_stream_window,
+        },
+        followers: Arc::new(Semaphore::new(cfg.followers_max as usize)),
+        stopping: shutdown.clone(),
+    };
+    let message_bytes_max = (cfg.request_bytes_max as usize).saturating_add(1 << 20);
+    let mut builder = tonic::transport::Server::builder();
+    if !cfg.client_plaintext {
+        let cert = std::fs::read(&cfg.tls_cert)
+            .with_context(|| format!("read {}", cfg.tls_cert.display()))?;
+        let key = std::fs::read(&cfg.tls_key)
+            .with_context(|| format!("read {}", cfg.tls_key.display()))?;
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        if cfg.client_auth {
+            let ca = std::fs::read(&cfg.tls_ca)
+                .with_context(|| format!("read {}", cfg.tls_ca.display()))?;
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls).context("client TLS configuration")?;
+    }
+    let router = builder
+        .add_service(
+            LogServer::new(api.clone())
+                .max_decoding_message_size(message_bytes_max)
+                .max_encoding_message_size(READ_BYTES_MAX as usize + (1 << 20)),
+        )
+        .add_service(AdminServer::new(api));
+    let incoming = TcpListenerStream::new(listener);
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::error!(error = %e, "the client API stopped");
+        }
+    }))
+}
+
+fn status_of(shared: &Shared, e: DriverError) -> Status {
+    let mut md = MetadataMap::new();
+    let code = match &e {
+        DriverError::NotLeader { leader } => {
+            if let Some(l) = leader {
+                md.insert("raftwal-leader-id", l.0.to_string().parse().expect("digits are ASCII"));
+            }
+            if let Some(addr) = shared.leader_addr(*leader)
+                && let Ok(v) = addr.parse()
+            {
+                md.insert("raftwal-leader-addr", v);
+            }
+            Code::Unavailable
+        }
+        DriverError::OffsetMismatch { next } => {
+            md.insert("raftwal-next-offset", next.0.to_string().parse().expect("digits are ASCII"));
+            Code::FailedPrecondition
+        }
+        DriverError::Overloaded(_) => Code::ResourceExhausted,
+        DriverError::Lost => Code::Aborted,
+        DriverError::StaleSequence { .. } => Code::FailedPrecondition,
+        DriverError::Invalid(_) => Code::InvalidArgument,
+        DriverError::Stopped(_) => Code::Unavailable,
+    };
+    Status::with_metadata(code, e.to_string(), md)
+}
+
+impl Api {
+    fn check_append(&self, req: &proto::AppendRequest) -> Result<(), Status> {
+        if req.records.is_empty() {
+            return Err(Status::invalid_argument("an append needs at least one record"));
+        }
+        let mut total = 0u64;
+        for (i, r) in req.records.iter().enumerate() {
+            if r.len() as u64 > self.limits.record_bytes_max {
+                return Err(Status::invalid_argument(format!(
+                    "record {i} is {} bytes; the limit is {} (record_bytes_max)",
+                    r.len(),
+                    self.limits.record_bytes_max
+                )));
+            }
+            total += r.len() as u64;
+        }
+        if total > self.limits.request_bytes_max {
+            return Err(Status::invalid_argument(format!(
+                "the append is {total} bytes; the limit is {} (request_bytes_max)",
+                self.limits.request_bytes_max
+            )));
+        }
+        Ok(())
+    }
+
+    /// Submits an append to the driver; the receiver completes at commit.
+    fn submit_append(
+        &self,
+        req: proto::AppendRequest,
+    ) -> Result<(oneshot::Receiver<Result<AppendOk, DriverError>>, InflightGuard), Status> {
+        self.check_append(&req)?;
+        let inflight = self.shared.appends_inflight.fetch_add(1, Ordering::Relaxed);
+        let guard = InflightGuard(self.shared.clone());
+        if inflight >= self.limits.appends_inflight_max {
+            return Err(Status::resource_exhausted("too many appends in flight on this node"));
+        }
+        let (reply, rx) = oneshot::channel();
+        let event = Event::Append(AppendReq {
+            records: req.records.into_iter().map(Bytes::from).collect(),
+            expected_next: req.expected_next_offset.map(LogIndex),
+            producer: req.producer.map(|p| ProducerSeq { id: p.id, sequence: p.sequence }),
+            reply,
+        });
+        self.driver.submit(event).map_err(|e| status_of(&self.shared, e))?;
+        Ok((rx, guard))
+    }
+
+    fn answer(
+        &self,
+        r: Result<Result<AppendOk, DriverError>, oneshot::error::RecvError>,
+        request_id: u64,
+    ) -> Result<proto::AppendResponse, Status> {
+        match r {
+            Ok(Ok(ok)) => Ok(proto::AppendResponse {
+                first_offset: ok.first.0,
+                last_offset: ok.last.0,
+                duplicate: ok.duplicate,
+                request_id,
+                error: None,
+            }),
+            Ok(Err(e)) => Err(status_of(&self.shared, e)),
+            Err(_) => Err(Status::unavailable(
+                "the node stopped before the append completed; its outcome is unknown",
+            )),
+        }
+    }
+
+    /// Records in `[from, ...)` up to the settled index and the limits.
+    fn read_records(
+        &self,
+        from: u64,
+        max_records: u32,
+        max_bytes: u32,
+    ) -> Result<proto::ReadResponse, Status> {
+        let wal = &self.shared.wal;
+        let readable = *self.shared.readable.borrow();
+        let first = wal.first_index();
+        let from = LogIndex(from.max(1));
+        if from < first {
+            let mut md = MetadataMap::new();
+            md.insert(
+                "raftwal-first-offset",
+                first.0.to_string().parse().expect("digits are ASCII"),
+            );
+            return Err(Status::with_metadata(
+                Code::OutOfRange,
+                format!("offset {from} was trimmed; the log starts at {first}"),
+                md,
+            ));
+        }
+        let max_records =
+            if max_records == 0 { READ_RECORDS_DEFAULT } else { max_records.min(READ_RECORDS_MAX) };
+        let max_bytes =
+            if max_bytes == 0 { READ_BYTES_DEFAULT } else { max_bytes.min(READ_BYTES_MAX) };
+        let mut out = Vec::new();
+        let mut next = from;
+        let mut bytes = 0u64;
+        while next <= readable && out.len() < max_records as usize && bytes < u64::from(max_bytes) {
+            let end = LogIndex((readable.0 + 1).min(next.0 + u64::from(max_records)));
+            let page = wal
+                .read(next..end, u64::from(max_bytes) - bytes)
+                .map_err(|e| Status::internal(format!("read: {e}")))?;
+            let state = self.shared.state.read();
+            for rec in page {
+                if out.len() >= max_records as usize
+                    || (bytes >= u64::from(max_bytes) && !out.is_empty())
+                {
+                    break;
+                }
+                let index = rec.index();
+                next = index.next();
+                let entry = store::entry_of(rec).map_err(|e| Status::internal(e.to_string()))?;
+                if entry.kind != raftwal_consensus::EntryKind::Normal || state.is_hidden(index) {
+                    continue;
+                }
+                if let Some(data) = envelope::record_bytes(&entry.data) {
+                    bytes += data.len() as u64;
+                    out.push(proto::Record { offset: index.0, data: data.to_vec() });
+                }
+            }
+        }
+        Ok(proto::ReadResponse { records: out, next_offset: next.0, commit_offset: readable.0 })
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Log for Api {
+    async fn append(
+        &self,
+        request: Request<proto::AppendRequest>,
+    ) -> Result<Response<proto::AppendResponse>, Status> {
+        let started = std::time::Instant::now();
+        let req = request.into_inner();
+        let request_id = req.request_id;
+        let (rx, _guard) = self.submit_append(req)?;
+        let answer = self.answer(rx.await, request_id);
+        metrics::histogram!("raftwal_server_append_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if answer.is_err() {
+            metrics::counter!("raftwal_server_appends_failed_total").increment(1);
+        }
+        answer.map(Response::new)
+    }
+
+    type AppendStreamStream = BoxStream<proto::AppendResponse>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<proto::AppendRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let window = self.limits.append_stream_window as usize;
+        let (pending_tx, mut pending_rx) = mpsc::channel::<(
+            u64,
+            Result<(oneshot::Receiver<Result<AppendOk, DriverError>>, InflightGuard), Status>,
+        )>(window);
+        let (out_tx, out_rx) = mpsc::channel(window);
+        let api = self.clone();
+        // Reads requests while fewer than `window` are unanswered (the bounded channel).
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                let id = req.request_id;
+                let submitted = api.submit_append(req);
+                let failed = submitted.is_err();
+                if pending_tx.send((id, submitted)).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Some((id, submitted)) = pending_rx.recv().await {
+                let answer = match submitted {
+                    Ok((rx, _guard)) => api.answer(rx.await, id),
+                    Err(status) => Err(status),
+                };
+                let (msg, stop) = match answer {
+                    Ok(ok) => (ok, false),
+                    Err(status) => (
+                        proto::AppendResponse {
+                            request_id: id,
+                            error: Some(proto::Error {
+                                code: status.code() as i32,
+                                message: status.message().to_string(),
+                                next_offset: status
+                                    .metadata()
+                                    .get("raftwal-next-offset")
+                                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+                                leader_id: status
+                                    .metadata()
+                                    .get("raftwal-leader-id")
+                                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+                                leader_addr: status
+                                    .metadata()
+                                    .get("raftwal-leader-addr")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            }),
+                            ..Default::default()
+                        },
+                        true,
+                    ),
+                };
+                if out_tx.send(Ok(msg)).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn read(
+        &self,
+        request: Request<proto::ReadRequest>,
+    ) -> Result<Response<proto::ReadResponse>, Status> {
+        let r = request.into_inner();
+        self.read_records(r.from_offset, r.max_records, r.max_bytes).map(Response::new)
+    }
+
+    type FollowStream = BoxStream<proto::FollowResponse>;
+
+    async fn follow(
+        &self,
+        request: Request<proto::FollowRequest>,
+    ) -> Result<Response<Self::FollowStream>, Status> {
+        let permit = self.followers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("too many followers of the log on this node")
+        })?;
+        let mut next = request.into_inner().from_offset.max(1);
+        // Fail at once if the start is trimmed.
+        self.read_records(next, 1, 1)?;
+        let (tx, rx) = mpsc::channel(4);
+        let api = self.clone();
+        let mut readable = self.shared.readable.subscribe();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let caught_up_at = *readable.borrow_and_update();
+            let mut caught_up_sent = false;
+            loop {
+                let batch = match api.read_records(next, FOLLOW_BATCH_RECORDS, FOLLOW_BATCH_BYTES) {
+                    Ok(b) => b,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let progressed = batch.next_offset > next;
+                next = next.max(batch.next_offset);
+                if !batch.records.is_empty() {
+                    let msg = proto::FollowResponse {
+                        event: Some(follow_response::Event::Records(proto::RecordBatch {
+                            records: batch.records,
+                            next_offset: next,
+                        })),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                if !caught_up_sent && next > caught_up_at.0 {
+                    caught_up_sent = true;
+                    let msg = proto::FollowResponse {
+                        event: Some(follow_response::Event::CaughtUp(proto::CaughtUp {
+                            next_offset: next,
+                        })),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                if !progressed {
+                    tokio::select! {
+                        changed = readable.changed() => if changed.is_err() { return },
+                        () = tx.closed() => return,
+                        () = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                            let _ = tx.send(Err(Status::unavailable("the node is stopping; resume elsewhere"))).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(
+        &self,
+        _: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        Ok(Response::new(status_response(&self.shared, self.limits.append_stream_window)))
+    }
+}
+
+/// The node's status as the API reports it.
+pub fn status_response(shared: &Shared, window: u32) -> proto::StatusResponse {
+    let s = shared.status.read().clone();
+    let addrs = shared.api_addrs.read().clone();
+    let role = match s.role {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+        Role::PreCandidate => "pre-candidate",
+    };
+    let m = &s.membership;
+    let members = m
+        .members()
+        .into_iter()
+        .map(|id| {
+            let kind = if m.voters.contains(&id) {
+                "voter"
+            } else if m.voters_outgoing.contains(&id) {
+                "voter (outgoing)"
+            } else {
+                "learner"
+            };
+            proto::Member {
+                id: id.0,
+                kind: kind.into(),
+                addr: addrs.get(&id).cloned().unwrap_or_default(),
+            }
+        })
+        .collect();
+    let progress = s
+        .progress
+        .iter()
+        .map(|(id, p)| proto::PeerProgress {
+            id: id.0,
+            match_offset: p.matched.0,
+            next_offset: p.next.0,
+            state: match p.state {
+                ProgressState::Probe => "probe",
+                ProgressState::Replicate => "replicate",
+                ProgressState::Snapshot { .. } => "snapshot",
+            }
+            .into(),
+            active: p.recent_active,
+        })
+        .collect();
+    proto::StatusResponse {
+        node_id: s.id.0,
+        role: role.into(),
+        term: s.term.0,
+        leader_id: s.leader.map_or(0, |l| l.0),
+        leader_addr: shared.leader_addr(s.leader).unwrap_or_default(),
+        commit_offset: s.commit.0,
+        applied_offset: shared.readable.borrow().0,
+        first_offset: shared.wal.first_index().0,
+        last_offset: s.last_index.0,
+        members,
+        progress,
+        append_stream_window: window,
+    }
+}
+
+impl Api {
+    async fn conf(
+        &self,
+        change: ConfChange,
+        addresses: Option<Addresses>,
+    ) -> Result<Response<proto::MembershipResponse>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.driver
+            .submit(Event::ConfChange { change, addresses, reply })
+            .map_err(|e| status_of(&self.shared, e))?;
+        match rx.await {
+            Ok(Ok(index)) => {
+                // Answer once it is applied here, so the members listed include the change.
+                let mut readable = self.shared.readable.subscribe();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    readable.wait_for(|r| *r >= index),
+                )
+                .await;
+                let members = status_response(&self.shared, 0).members;
+                Ok(Response::new(proto::MembershipResponse { offset: index.0, members }))
+            }
+            Ok(Err(e)) => Err(status_of(&self.shared, e)),
+            Err(_) => Err(Status::unavailable("the node stopped; the outcome is unknown")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Api {
+    async fn add_learner(
+        &self,
+        request: Request<proto::AddLearnerRequest>,
+    ) -> Result<Response<proto::MembershipResponse>, Status> {
+        let r = request.into_inner();
+        if r.node_id == 0 {
+            return Err(Status::invalid_argument("node id 0 is reserved"));
+        }
+        let peer = r
+            .peer_addr
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("bad peer address {:?}", r.peer_addr)))?;
+        if r.api_addr.is_empty() || r.api_addr.len() > 255 {
+            return Err(Status::invalid_argument("api_addr must be 1 to 255 bytes"));
+        }
+        let id = NodeId(r.node_id);
+        let addresses = Addresses { id, peer, api: r.api_addr };
+        self.conf(ConfChange::Simple(ConfStep::AddLearner(id)), Some(addresses)).await
+    }
+
+    async fn promote(
+        &self,
+        request: Request<proto::PromoteRequest>,
+    ) -> Result<Response<proto::MembershipResponse>, Status> {
+        let id = NodeId(request.into_inner().node_id);
+        if !self.shared.status.read().membership.is_learner(id) {
+            return Err(Status::failed_precondition(format!("node {id} is not a learner")));
+        }
+        self.conf(ConfChange::Simple(ConfStep::AddVoter(id)), None).await
+    }
+
+    async fn remove(
+        &self,
+        request: Request<proto::RemoveRequest>,
+    ) -> Result<Response<proto::MembershipResponse>, Status> {
+        let id = NodeId(request.into_inner().node_id);
+        if !self.shared.status.read().membership.members().contains(&id) {
+            return Err(Status::failed_precondition(format!("node {id} is not a member")));
+        }
+        self.conf(ConfChange::Simple(ConfStep::Remove(id)), None).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<proto::TransferLeaderRequest>,
+    ) -> Result<Response<proto::TransferLeaderResponse>, Status> {
+        let to = NodeId(request.into_inner().to_node_id);
+        let (reply, rx) = oneshot::channel();
+        self.driver
+            .submit(Event::Transfer { to, reply })
+            .map_err(|e| status_of(&self.shared, e))?;
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(status_of(&self.shared, e)),
+            Err(_) => return Err(Status::unavailable("the node stopped")),
+        }
+        for _ in 0..200 {
+            let leader = self.shared.status.read().leader;
+            if leader == Some(to) {
+                return Ok(Response::new(proto::TransferLeaderResponse { leader_id: to.0 }));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err(Status::deadline_exceeded(format!("leadership did not move to {to} within 5 s")))
+    }
+
+    async fn trim(
+        &self,
+        request: Request<proto::TrimRequest>,
+    ) -> Result<Response<proto::TrimResponse>, Status> {
+        let before = LogIndex(request.into_inner().before_offset);
+        let (reply, rx) = oneshot::channel();
+        self.driver
+            .submit(Event::Trim { before, reply })
+            .map_err(|e| status_of(&self.shared, e))?;
+        match rx.await {
+            Ok(Ok(_)) => Ok(Response::new(proto::TrimResponse {
+                first_offset: self.shared.wal.first_index().0,
+            })),
+            Ok(Err(e)) => Err(status_of(&self.shared, e)),
+            Err(_) => Err(Status::unavailable("the node stopped; the outcome is unknown")),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The client subcommands of `raftwal`. Without endpoint flags they talk to the dev cluster
+//! started from the current directory (`raftwal-dev/cluster.toml`).
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use raftwal_client::{AppendOptions, Client, ClientConfig, ClientTls, FollowEvent, NodeId, Offset};
+use tokio_stream::StreamExt;
+
+use crate::dev::{CLUSTER_FILE, DEV_DIR};
+
+/// Where the cluster is and how to reach it.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Client API endpoints, comma-separated (https://host:port, or http:// with --plaintext).
+    #[arg(long, value_delimiter = ',', env = "RAFTWAL_ENDPOINTS", global = true)]
+    endpoints: Vec<String>,
+    /// The cluster CA certificate (PEM).
+    #[arg(long, env = "RAFTWAL_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// A client certificate (PEM), for clusters that require one.
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
+}
+
+/// The client subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Append records (the arguments, or one per stdin line with none given).
+    Append {
+        records: Vec<String>,
+        /// Append only if the first record gets this offset.
+        #[arg(long)]
+        expect_offset: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Read committed records from an offset.
+    Read {
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        max_records: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print the committed log from an offset, then live records, until Ctrl-C.
+    Follow {
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The cluster's status as one node sees it.
+    Status {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Membership changes.
+    #[command(subcommand)]
+    Members(MembersCommand),
+    /// Leadership.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+    /// Discard the log below an offset on every node.
+    Trim {
+        #[arg(long)]
+        before: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MembersCommand {
+    /// Add a node as a learner.
+    Add {
+        id: u64,
+        /// Its peer (QUIC) address.
+        #[arg(long)]
+        peer_addr: String,
+        /// Its client API address.
+        #[arg(long)]
+        api_addr: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make a learner a voter.
+    Promote {
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a node.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeaderCommand {
+    /// Hand leadership to a voter.
+    Transfer {
+        to: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct ClusterFile {
+    endpoints: Vec<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+async fn connect(target: &Target) -> anyhow::Result<Client> {
+    let mut t = target.clone();
+    if t.endpoints.is_empty() {
+        let path = PathBuf::from(DEV_DIR).join(CLUSTER_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("no --endpoints given and no dev cluster here ({} not found; run `raftwal dev` first)", path.display())
+        })?;
+        let f: ClusterFile =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        t.endpoints = f.endpoints;
+        t.ca = t.ca.or(f.ca);
+        t.cert = t.cert.or(f.cert);
+        t.key = t.key.or(f.key);
+    }
+    let mut config = ClientConfig::new(t.endpoints.clone());
+    if t.endpoints.iter().any(|e| e.starts_with("https://")) {
+        let Some(ca) = &t.ca else {
+            bail!("https endpoints need --ca (the cluster CA certificate)")
+        };
+        let ca = std::fs::read(ca).with_context(|| format!("read {}", ca.display()))?;
+        let mut tls = ClientTls::new(ca);
+        if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+            tls = tls.with_identity(std::fs::read(cert)?, std::fs::read(key)?);
+        }
+        config = config.with_tls(tls);
+    }
+    Ok(Client::connect(config).await?)
+}
+
+/// Runs one client subcommand.
+pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClientCommand::Append { records, expect_offset, target } => {
+            let client = connect(&target).await?;
+            let records: Vec<Vec<u8>> = if records.is_empty() {
+                let mut out = Vec::new();
+                for line in std::io::stdin().lock().lines() {
+                    out.push(line?.into_bytes());
+                }
+                out
+            } else {
+                records.into_iter().map(String::into_bytes).collect()
+            };
+            if records.is_empty() {
+                bail!("nothing to append");
+            }
+            let options = AppendOptions { expected_next_offset: expect_offset.map(Offset) };
+            let a = client.append_with(records, options).await?;
+            crate::outln!(
+                "appended offsets {}..={}{}",
+                a.first_offset,
+                a.last_offset,
+                if a.duplicate { " (a retry of an earlier append)" } else { "" }
+            );
+        }
+        ClientCommand::Read { from, max_records, target } => {
+            let client = connect(&target).await?;
+            let batch = client.read(Offset(from), max_records, 0).await?;
+            for r in &batch.records {
+                crate::outln!("{}\t{}", r.offset, String::from_utf8_lossy(&r.data));
+            }
+            eprintln!(
+                "next offset {}, committed through {}",
+                batch.next_offset, batch.commit_offset
+            );
+        }
+        ClientCommand::Follow { from, target } => {
+            let client = connect(&target).await?;
+            let mut stream = client.follow(Offset(from));
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    event = stream.next() => match event {
+                        None => break,
+                        Some(Ok(FollowEvent::Records(records))) => {
+                            for r in records {
+                                crate::outln!("{}\t{}", r.offset, String::from_utf8_lossy(&r.data));
+                            }
+                        }
+                        Some(Ok(FollowEvent::CaughtUp { next_offset })) => {
+                            eprintln!("-- caught up at offset {next_offset}; live records follow");
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        ClientCommand::Status { json, target } => {
+            let client = connect(&target).await?;
+            let s = client.status().await?;
+            if json {
+                let v = serde_json::json!({
+                    "node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
+                    "leader_addr": s.leader_addr, "commit_offset": s.commit_offset,
+                    "applied_offset": s.applied_offset, "first_offset": s.first_offset,
+                    "last_offset": s.last_offset,
+                    "members": s.members.iter().map(|m| serde_json::json!({"id": m.id, "kind": m.kind, "addr": m.addr})).collect::<Vec<_>>(),
+                    "progress": s.progress.iter().map(|p| serde_json::json!({"id": p.id, "match_offset": p.match_offset, "next_offset": p.next_offset, "state": p.state, "active": p.active})).collect::<Vec<_>>(),
+                });
+                crate::outln!("{v}");
+            } else {
+                crate::outln!(
+                    "node {} ({}), term {}, leader {}{}\ncommitted {}  applied {}  log {}..={}",
+                    s.node_id,
+                    s.role,
+                    s.term,
+                    s.leader_id,
+                    if s.leader_addr.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" at {}", s.leader_addr)
+                    },
+                    s.commit_offset,
+                    s.applied_offset,
+                    s.first_offset,
+                    s.last_offset
+                );
+                crate::outln!(
+                    "\n| member | kind | address | match | state |\n|---|---|---|---|---|"
+                );
+                for m in &s.members {
+                    let p = s.progress.iter().find(|p| p.id == m.id);
+                    crate::outln!(
+                        "| {} | {} | {} | {} | {} |",
+                        m.id,
+                        m.kind,
+                        m.addr,
+                        p.map_or("-".into(), |p| p.match_offset.to_string()),
+                        p.map_or("-".into(), |p| format!(
+                            "{}{}",
+                            p.state,
+                            if p.active { "" } else { " (inactive)" }
+                        ))
+                    );
+                }
+            }
+        }
+        ClientCommand::Members(MembersCommand::Add { id, peer_addr, api_addr, target }) => {
+            let m = connect(&target).await?.add_learner(NodeId(id), &peer_addr, &api_addr).await?;
+            crate::outln!("{m:?}");
+        }
+        ClientCommand::Members(MembersCommand::Promote { id, target }) => {
+            let m = connect(&target).await?.promote(NodeId(id)).await?;
+            crate::outln!("{m:?}");
+        }
+        ClientCommand::Members(MembersCommand::Remove { id, target }) => {
+            let m = connect(&target).await?.remove(NodeId(id)).await?;
+            crate::outln!("{m:?}");
+        }
+        ClientCommand::Leader(LeaderCommand::Transfer { to, target }) => {
+            let leader = connect(&target).await?.transfer_leader(NodeId(to)).await?;
+            crate::outln!("leader is now node {leader}");
+        }
+        ClientCommand::Trim { before, target } => {
+            let first = connect(&target).await?.trim(Offset(before)).await?;
+            crate::outln!("the log now starts at offset {first}");
+        }
+    }
+    Ok(())
+}

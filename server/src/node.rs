@@ -1,0 +1,216 @@
+//! Starting and stopping a node: recover the WAL (refusing to start on corruption), bootstrap
+//! or join, start the transport, the driver thread, the gRPC API and the HTTP admin port.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context;
+use parking_lot::RwLock;
+use raftwal_consensus::{Config, LogIndex, NodeId, RawNode, Restored, bootstrap};
+use raftwal_transport::{Identity, Transport, TransportConfig};
+use raftwal_wal::{Entry as WalEntry, Options as WalOptions, Wal};
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+use crate::driver::{self, DriverHandle, DriverParts, Event, Shared};
+use crate::state::LogState;
+use crate::store::{self, WalStore};
+use crate::{api, http};
+
+/// Events that may queue for the driver before new ones are refused as overload.
+const DRIVER_QUEUE_EVENTS_MAX: usize = 65_536;
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    /// Its shared state.
+    pub shared: Arc<Shared>,
+    /// Submits events to its driver.
+    pub driver: DriverHandle,
+    /// The bound client API address.
+    pub api_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// The bound peer address.
+    pub peer_addr: SocketAddr,
+    driver_thread: Option<std::thread::JoinHandle<(Result<(), String>, Transport)>>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Everything from the config that is read from disk first.
+fn load_identity(cfg: &NodeConfig) -> anyhow::Result<Identity> {
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read_to_string(p).with_context(|| {
+            format!("cannot read the {what} {} (run `raftwal certs init`)", p.display())
+        })
+    };
+    let ca = read(&cfg.tls_ca, "CA certificate")?;
+    let cert = read(&cfg.tls_cert, "node certificate")?;
+    let key = read(&cfg.tls_key, "node key")?;
+    Identity::from_pem(&ca, &cert, &key).context("the node's TLS identity")
+}
+
+impl Node {
+    /// Starts a node. Must be called inside a multi-threaded tokio runtime.
+    pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
+        cfg.validate()?;
+        let id = NodeId(cfg.id);
+        let identity = load_identity(&cfg)?;
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+            format!("cannot create the data directory {}", cfg.data_dir.display())
+        })?;
+        let wal_opts = WalOptions {
+            segment_bytes: cfg.segment_bytes,
+            record_bytes_max: cfg.record_bytes_max + 64,
+            ..WalOptions::default()
+        };
+        let wal_dir = cfg.data_dir.join("wal");
+        let wal = Wal::open(&wal_dir, wal_opts).with_context(|| {
+            format!(
+                "refusing to start: the WAL in {} could not be recovered (no data was changed; \
+                 repair or restore it, or remove this node and re-add it empty)",
+                wal_dir.display()
+            )
+        })?;
+        if let Some(torn) = &wal.recovery().torn_tail {
+            tracing::warn!(?torn, "recovery cut a torn tail (an unacknowledged write)");
+        }
+        let peers = cfg.parsed_peers()?;
+        if wal.last_index() == LogIndex(0) && wal.hard_state().term.0 == 0 && !cfg.join {
+            let mut voters: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
+            voters.push(id);
+            voters.sort();
+            let (entries, hs) = bootstrap(&voters);
+            let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
+            let wal_entries: Vec<WalEntry<'_>> = entries
+                .iter()
+                .zip(&payloads)
+                .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
+                .collect();
+            wal.append(&wal_entries).context("bootstrap: write the founding membership")?;
+            wal.save_hard_state(hs).context("bootstrap: save the hard state")?;
+            tracing::info!(?voters, "bootstrapped a new cluster");
+        }
+        let wal = Arc::new(wal);
+        let first = wal.first_index();
+        let start_membership = store::read_log_start(&cfg.data_dir, first)?.unwrap_or_default();
+        let restored = Restored {
+            hard_state: wal.hard_state(),
+            membership: start_membership.clone(),
+            applied: first.prev(),
+        };
+        let mut rc = Config::new(id, seed());
+        rc.election_ticks = cfg.election_ticks;
+        rc.heartbeat_ticks = cfg.heartbeat_ticks;
+        rc.uncommitted_bytes_max = cfg.uncommitted_bytes_max;
+        let raw = RawNode::new(rc, restored, WalStore::new(wal.clone(), start_membership.clone()))
+            .context("refusing to start: the persisted state is inconsistent")?;
+
+        let mut tc = TransportConfig::new(id, cfg.peer_listen, identity);
+        for p in &peers {
+            tc.peers.insert(p.id, p.peer_addr);
+        }
+        let (transport, mut inbox) = Transport::start(tc).context("start the peer transport")?;
+        let peer_addr = transport.local_addr();
+
+        let mut api_addrs: BTreeMap<NodeId, String> =
+            peers.iter().map(|p| (p.id, p.api_addr.clone())).collect();
+        let (readable_tx, _) = watch::channel(first.prev());
+        let shared = Arc::new(Shared {
+            id,
+            wal,
+            state: RwLock::new(LogState::new(first.prev(), cfg.producers_max as usize)),
+            readable: readable_tx,
+            status: RwLock::new(raw.status()),
+            api_addrs: RwLock::new(BTreeMap::new()),
+            appends_inflight: AtomicU64::new(0),
+            failure: RwLock::new(None),
+        });
+        let (driver, rx) = driver::channel(DRIVER_QUEUE_EVENTS_MAX);
+
+        let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .with_context(|| format!("cannot listen for clients on {}", cfg.api_listen))?;
+        let api_addr = api_listener.local_addr()?;
+        let http_listener = tokio::net::TcpListener::bind(cfg.http_listen)
+            .await
+            .with_context(|| format!("cannot serve HTTP on {}", cfg.http_listen))?;
+        let http_addr = http_listener.local_addr()?;
+        let advertised = if cfg.api_advertise.is_empty() {
+            api_addr.to_string()
+        } else {
+            cfg.api_advertise.clone()
+        };
+        api_addrs.insert(id, advertised);
+        *shared.api_addrs.write() = api_addrs;
+
+        let forward = driver.clone();
+        let inbox_task = tokio::spawn(async move {
+            while let Some(msg) = inbox.recv().await {
+                // A full driver queue drops the message; Raft retries what matters.
+                let _ = forward.submit(Event::Peer(msg));
+            }
+        });
+        let parts = DriverParts {
+            raw,
+            shared: shared.clone(),
+            transport,
+            rx,
+            tick: Duration::from_millis(cfg.tick_ms),
+            data_dir: cfg.data_dir.clone(),
+            memberships: vec![(first.prev(), start_membership)],
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let driver_thread = std::thread::Builder::new()
+            .name(format!("raftwal-driver-{}", id.0))
+            .spawn(move || driver::run(parts))
+            .context("spawn the driver thread")?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let api_task =
+            api::serve(&cfg, shared.clone(), driver.clone(), api_listener, shutdown_rx.clone())?;
+        let http_task = http::serve(shared.clone(), http_listener, shutdown_rx);
+        tracing::info!(node = id.0, %api_addr, %http_addr, %peer_addr, "node started");
+        Ok(Node {
+            shared,
+            driver,
+            api_addr,
+            http_addr,
+            peer_addr,
+            driver_thread: Some(driver_thread),
+            shutdown,
+            servers: vec![inbox_task, api_task, http_task],
+        })
+    }
+
+    /// Stops the servers and the driver, and waits for them; the WAL closes with the last
+    /// reference.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        let _ = self.driver.submit(Event::Shutdown);
+        let thread = self.driver_thread.take();
+        let joined = tokio::task::spawn_blocking(move || thread.map(|t| t.join())).await?;
+        for task in self.servers.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        match joined {
+            None => Ok(()),
+            Some(Err(_)) => Err(anyhow::anyhow!("the driver thread panicked")),
+            Some(Ok((result, transport))) => {
+                transport.shutdown().await;
+                result.map_err(|e| anyhow::anyhow!("the driver failed: {e}"))
+            }
+        }
+    }
+}
+
+/// The election jitter's seed: different per process start, so two nodes never share timeouts.
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+}

@@ -1,0 +1,240 @@
+//! Three (or more) real nodes on 127.0.0.1: appends, reads, leader failure, restarts, Follow
+//! across a leader change, optimistic concurrency, deduplication, limits, membership.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raftwal_client::proto::log_client::LogClient;
+use raftwal_client::proto::{AppendRequest, Producer};
+use raftwal_client::{AppendOptions, ClientError, FollowEvent, NodeId, Offset};
+use support::{Cluster, read_all};
+use tokio_stream::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_are_read_back_from_every_node() {
+    let c = Cluster::start(3, 0).await;
+    c.leader().await;
+    let client = c.client().await;
+    let mut expected = Vec::new();
+    for i in 0..20u32 {
+        let records: Vec<Vec<u8>> =
+            (0..(i % 4 + 1)).map(|j| format!("r{i}-{j}").into_bytes()).collect();
+        let a = client.append(records.clone()).await.expect("append");
+        assert_eq!(
+            a.last_offset.0 - a.first_offset.0 + 1,
+            records.len() as u64,
+            "a batch is consecutive"
+        );
+        for (k, r) in records.into_iter().enumerate() {
+            expected.push((a.first_offset.0 + k as u64, r));
+        }
+    }
+    let last = expected.last().expect("records").0;
+    for id in 1..=3 {
+        c.wait_applied(id, last).await;
+        assert_eq!(
+            read_all(&c.client_of(id).await).await,
+            expected,
+            "node {id} serves the committed log"
+        );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_leader_loses_no_acknowledged_append_and_a_restarted_node_catches_up() {
+    let mut c = Cluster::start(3, 0).await;
+    let first_leader = c.leader().await;
+    let client = c.client().await;
+    let mut acked = BTreeMap::new();
+    for i in 0..30 {
+        let a = client.append([format!("before-{i}")]).await.expect("append");
+        acked.insert(a.first_offset.0, format!("before-{i}").into_bytes());
+    }
+    c.stop_node(first_leader).await;
+    let second = c.leader().await;
+    assert_ne!(second, first_leader);
+    for i in 0..30 {
+        let a = client.append([format!("after-{i}")]).await.expect("the client carries on");
+        acked.insert(a.first_offset.0, format!("after-{i}").into_bytes());
+    }
+    let survivors: Vec<u64> = c.nodes.keys().copied().collect();
+    let last = *acked.keys().last().expect("acked");
+    for &id in &survivors {
+        c.wait_applied(id, last).await;
+        let got: BTreeMap<u64, Vec<u8>> =
+            read_all(&c.client_of(id).await).await.into_iter().collect();
+        assert_eq!(got, acked, "node {id} has every acknowledged append at its offset");
+    }
+    c.start_node(first_leader).await;
+    c.wait_applied(first_leader, last).await;
+    let got: BTreeMap<u64, Vec<u8>> =
+        read_all(&c.client_of(first_leader).await).await.into_iter().collect();
+    assert_eq!(got, acked, "the restarted node caught up");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follow_sees_every_offset_once_in_order_across_a_leader_change() {
+    let mut c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let client = Arc::new(c.client().await);
+    for i in 0..50 {
+        client.append([format!("h{i}")]).await.expect("append");
+    }
+    let follower = client.clone();
+    let follow = tokio::spawn(async move {
+        let mut stream = follower.follow(Offset(1));
+        let mut seen: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut caught_up = 0;
+        while let Some(event) = stream.next().await {
+            match event.expect("follow") {
+                FollowEvent::Records(records) => {
+                    seen.extend(records.into_iter().map(|r| (r.offset.0, r.data.to_vec())))
+                }
+                FollowEvent::CaughtUp { .. } => caught_up += 1,
+            }
+            if seen.iter().filter(|(_, d)| d.starts_with(b"l")).count() == 100 {
+                return (seen, caught_up);
+            }
+        }
+        panic!("the follow stream ended");
+    });
+    let mut acked = BTreeMap::new();
+    for i in 0..100 {
+        if i == 50 {
+            c.stop_node(leader).await;
+        }
+        let a = client.append([format!("l{i}")]).await.expect("append");
+        acked.insert(a.first_offset.0, format!("l{i}").into_bytes());
+    }
+    let (seen, caught_up) = tokio::time::timeout(Duration::from_secs(60), follow)
+        .await
+        .expect("follow in time")
+        .expect("task");
+    assert!(caught_up >= 1, "a caught-up marker came");
+    let offsets: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing, never repeated: {offsets:?}"
+    );
+    let seen_map: BTreeMap<u64, Vec<u8>> = seen.into_iter().collect();
+    for (offset, data) in &acked {
+        assert_eq!(
+            seen_map.get(offset),
+            Some(data),
+            "acked offset {offset} seen once with its data"
+        );
+    }
+    assert_eq!(seen_map.values().filter(|d| d.starts_with(b"h")).count(), 50, "the history, once");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expected_offsets_producer_retries_and_limits() {
+    let c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let client = c.client().await;
+    let a = client.append([b"x".to_vec()]).await.expect("append");
+    let next = a.last_offset.next();
+    let ok = client
+        .append_with([b"y".to_vec()], AppendOptions { expected_next_offset: Some(next) })
+        .await
+        .expect("the expected offset matches");
+    assert_eq!(ok.first_offset, next);
+    match client
+        .append_with([b"z".to_vec()], AppendOptions { expected_next_offset: Some(next) })
+        .await
+    {
+        Err(ClientError::OffsetMismatch { next_offset }) => {
+            assert_eq!(next_offset, ok.last_offset.next())
+        }
+        other => panic!("expected an offset mismatch, got {other:?}"),
+    }
+
+    // The same producer sequence twice: the second answer carries the first's offsets.
+    let mut raw = LogClient::connect(c.endpoint(leader)).await.expect("connect");
+    let req = AppendRequest {
+        records: vec![b"p1".to_vec(), b"p2".to_vec()],
+        producer: Some(Producer { id: 77, sequence: 1 }),
+        ..Default::default()
+    };
+    let first = raw.append(req.clone()).await.expect("append").into_inner();
+    let again = raw.append(req.clone()).await.expect("retry").into_inner();
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!((again.first_offset, again.last_offset), (first.first_offset, first.last_offset));
+    // Also after a leader change.
+    let other = (1..=3).find(|&id| id != leader).expect("another node");
+    client.transfer_leader(NodeId(other)).await.expect("transfer");
+    assert_eq!(c.leader().await, other);
+    let mut raw = LogClient::connect(c.endpoint(other)).await.expect("connect");
+    let after = raw.append(req).await.expect("retry at the new leader").into_inner();
+    assert!(after.duplicate);
+    assert_eq!((after.first_offset, after.last_offset), (first.first_offset, first.last_offset));
+    let records = read_all(&client).await;
+    assert_eq!(
+        records.iter().filter(|(_, d)| d == b"p1").count(),
+        1,
+        "the duplicate is never served"
+    );
+
+    // An oversized record is refused with a clear error.
+    let big = vec![0u8; (1 << 20) + 1];
+    match client.append([big]).await {
+        Err(ClientError::InvalidArgument { message }) => {
+            assert!(message.contains("record_bytes_max"), "{message}")
+        }
+        other => panic!("expected a size error, got {other:?}"),
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_is_added_promoted_and_a_node_removed_while_appends_run() {
+    let mut c = Cluster::start(3, 1).await;
+    c.leader().await;
+    let client = Arc::new(c.client().await);
+    let writer = client.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let appends = tokio::spawn(async move {
+        let mut acked = BTreeMap::new();
+        let mut i = 0;
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            let data = format!("m{i}");
+            let a = writer.append([data.clone()]).await.expect("appends keep working");
+            acked.insert(a.first_offset.0, data.into_bytes());
+            i += 1;
+        }
+        acked
+    });
+    c.start_node(4).await;
+    let cfg = c.configs[&4].clone();
+    let m = client
+        .add_learner(NodeId(4), &cfg.peer_listen.to_string(), &cfg.api_listen.to_string())
+        .await
+        .expect("add learner");
+    assert!(m.members.iter().any(|x| x.id == NodeId(4) && x.kind == "learner"), "{m:?}");
+    let m = client.promote(NodeId(4)).await.expect("promote");
+    assert!(m.members.iter().any(|x| x.id == NodeId(4) && x.kind == "voter"), "{m:?}");
+    let leader = c.leader().await;
+    let victim = (1..=3).find(|&id| id != leader).expect("a follower");
+    let m = client.remove(NodeId(victim)).await.expect("remove");
+    assert!(!m.members.iter().any(|x| x.id == NodeId(victim)), "{m:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = appends.await.expect("writer");
+    assert!(acked.len() > 3, "appends ran throughout");
+    let last = *acked.keys().last().expect("acked");
+    c.wait_applied(4, last).await;
+    let got: BTreeMap<u64, Vec<u8>> = read_all(&c.client_of(4).await)
+        .await
+        .into_iter()
+        .filter(|(_, d)| d.starts_with(b"m"))
+        .collect();
+    assert_eq!(got, acked, "the new node has every acknowledged append");
+    c.shutdown().await;
+}
