@@ -44,30 +44,30 @@ fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The dev cluster's addresses for node `id` (1-based).
-fn dev_ports(id: u64) -> (String, String, String) {
+/// The dev cluster's addresses for node `id` (1-based) on `host`.
+fn dev_ports(host: &str, id: u64) -> (String, String, String) {
     (
-        format!("127.0.0.1:{}", 7000 + id),
-        format!("127.0.0.1:{}", 7100 + id),
-        format!("127.0.0.1:{}", 7200 + id),
+        format!("{host}:{}", 7000 + id),
+        format!("{host}:{}", 7100 + id),
+        format!("{host}:{}", 7200 + id),
     )
 }
 
 /// Creates `dir` (certificates, one config per node, cluster.toml) unless it exists.
-pub fn dev_prepare(dir: &Path, nodes: u64) -> anyhow::Result<()> {
+pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
     let certs = dir.join("certs");
     if !certs.join("ca.pem").exists() {
-        certs_init(&certs, nodes, &["localhost".into(), "127.0.0.1".into()])?;
+        certs_init(&certs, nodes, &["localhost".into(), "127.0.0.1".into(), host.to_string()])?;
     }
     let abs = std::fs::canonicalize(dir)?;
     let mut endpoints = Vec::new();
     for id in 1..=nodes {
-        let (api, peer, http) = dev_ports(id);
+        let (api, peer, http) = dev_ports(host, id);
         endpoints.push(format!("https://{api}"));
         let peers: Vec<String> = (1..=nodes)
             .filter(|&p| p != id)
             .map(|p| {
-                let (api, peer, _) = dev_ports(p);
+                let (api, peer, _) = dev_ports(host, p);
                 format!("\"{p}@{peer}@{api}\"")
             })
             .collect();
@@ -97,10 +97,10 @@ pub fn dev_prepare(dir: &Path, nodes: u64) -> anyhow::Result<()> {
 }
 
 /// Runs the dev cluster: three `raftwal node` processes, until Ctrl-C.
-pub async fn dev(dir: PathBuf, nodes: u64) -> anyhow::Result<()> {
+pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let fresh = !dir.join("node-1").exists();
-    dev_prepare(&dir, nodes)?;
+    dev_prepare(&dir, host, nodes)?;
     let exe = std::env::current_exe().context("find the raftwal executable")?;
     let mut children = Vec::new();
     for id in 1..=nodes {
@@ -123,7 +123,7 @@ pub async fn dev(dir: PathBuf, nodes: u64) -> anyhow::Result<()> {
         if fresh { "a new cluster" } else { "recovering the existing log" }
     );
     for id in 1..=nodes {
-        let (api, _, http) = dev_ports(id);
+        let (api, _, http) = dev_ports(host, id);
         let pid = children[(id - 1) as usize].1.id().unwrap_or(0);
         println!(
             "  node {id}: api https://{api}  metrics http://{http}/metrics  pid {pid}  log {shown}/node-{id}.log"

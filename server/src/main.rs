@@ -88,6 +88,10 @@ enum Command {
         /// Where the cluster keeps its data, certificates and logs.
         #[arg(long, default_value = dev::DEV_DIR)]
         dir: PathBuf,
+        /// The loopback address the nodes listen on (ports 7001-7003 for clients, 7101-7103
+        /// for peers, 7201-7203 for HTTP). Fixed by the first run: the configs remember it.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
     },
     /// Configuration.
     #[command(subcommand)]
@@ -169,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("stopping");
             node.shutdown().await
         }
-        Command::Dev { dir } => dev::dev(dir, 3).await,
+        Command::Dev { dir, host } => dev::dev(dir, &host, 3).await,
         Command::Config(ConfigCommand::Show(args)) => {
             outln!("{}", args.resolve()?.show().trim_end());
             Ok(())

@@ -57,6 +57,11 @@ pub fn init_logging() {
 impl Cluster {
     /// `n` founding nodes, plus configs (not started) for `spare` nodes that may join later.
     pub async fn start(n: u64, spare: u64) -> Cluster {
+        Cluster::start_with(n, spare, |_, _| {}).await
+    }
+
+    /// Like `start`, with each node's config adjusted by `tweak(certs dir, config)` first.
+    pub async fn start_with(n: u64, spare: u64, tweak: impl Fn(&Path, &mut NodeConfig)) -> Cluster {
         init_logging();
         raftwal_server::http::prometheus();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -83,6 +88,7 @@ impl Cluster {
             c.client_plaintext = true;
             c.tick_ms = 20;
             c.segment_bytes = 4 << 20;
+            tweak(&certs_dir, &mut c);
             configs.insert(id, c);
         }
         let mut cluster = Cluster { dir, configs, nodes: BTreeMap::new() };
