@@ -41,6 +41,12 @@ pub const fn frame_bytes(payload_bytes: u64) -> u64 {
     align_up(FRAME_HEADER_BYTES + payload_bytes)
 }
 
+/// Segment header flag: this segment restarts the whole log (see [`RestartMark`]).
+const SEGMENT_FLAG_RESTART: u32 = 1;
+/// Every flag this version knows; a header with any other bit set is refused, so a flag added
+/// later is never silently ignored.
+const SEGMENT_FLAGS_KNOWN: u32 = SEGMENT_FLAG_RESTART;
+
 /// The header at the start of every segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -49,17 +55,37 @@ pub struct SegmentHeader {
     pub segment_id: u64,
     /// Index of the first frame this segment holds (or will hold).
     pub first_index: LogIndex,
+    /// Set on the segment a [`crate::Wal::restart_at`] creates.
+    pub restart: Option<RestartMark>,
+}
+
+/// What a restart segment carries. The restart is committed once the hard-state slot with
+/// sequence number `commit_seq` (which holds `first_index` and `prev_term` as the log start)
+/// is durable; from then on every segment with a lower id is obsolete. Until then the restart
+/// segment itself is obsolete. docs/wal-format.md has the crash argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartMark {
+    /// Term of the entry at the segment's `first_index - 1`.
+    pub prev_term: Term,
+    /// Sequence number of the hard-state slot whose write commits the restart.
+    pub commit_seq: u64,
 }
 
 impl SegmentHeader {
     /// Layout: magic[8] | version u32 | flags u32 | segment_id u64 | first_index u64 |
-    /// reserved[28] | crc32(bytes 0..60) u32.
+    /// restart_prev_term u64 | restart_commit_seq u64 | reserved[12] | crc32(bytes 0..60) u32.
+    /// The two restart fields are zero unless flag bit 0 (restart) is set.
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES as usize] {
         let mut b = [0u8; SEGMENT_HEADER_BYTES as usize];
         b[0..8].copy_from_slice(&SEGMENT_MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         b[16..24].copy_from_slice(&self.segment_id.to_le_bytes());
         b[24..32].copy_from_slice(&self.first_index.get().to_le_bytes());
+        if let Some(mark) = self.restart {
+            b[12..16].copy_from_slice(&SEGMENT_FLAG_RESTART.to_le_bytes());
+            b[32..40].copy_from_slice(&mark.prev_term.get().to_le_bytes());
+            b[40..48].copy_from_slice(&mark.commit_seq.to_le_bytes());
+        }
         let crc = crc32fast::hash(&b[0..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
@@ -81,7 +107,17 @@ impl SegmentHeader {
         if version != FORMAT_VERSION {
             return Err(format!("unsupported segment format version {version}"));
         }
-        Ok(SegmentHeader { segment_id: u64_at(b, 16), first_index: LogIndex(u64_at(b, 24)) })
+        let flags = u32_at(b, 12);
+        if flags & !SEGMENT_FLAGS_KNOWN != 0 {
+            return Err(format!("unknown segment header flags {flags:#x}"));
+        }
+        let restart = (flags & SEGMENT_FLAG_RESTART != 0)
+            .then(|| RestartMark { prev_term: Term(u64_at(b, 32)), commit_seq: u64_at(b, 40) });
+        Ok(SegmentHeader {
+            segment_id: u64_at(b, 16),
+            first_index: LogIndex(u64_at(b, 24)),
+            restart,
+        })
     }
 }
 
@@ -308,10 +344,36 @@ mod tests {
 
     #[test]
     fn segment_header_round_trips() {
-        let h = SegmentHeader { segment_id: 7, first_index: LogIndex(100) };
+        let h = SegmentHeader { segment_id: 7, first_index: LogIndex(100), restart: None };
         assert_eq!(SegmentHeader::decode(&h.encode()), Ok(h));
         let mut b = h.encode();
         b[20] ^= 1;
         assert!(SegmentHeader::decode(&b).is_err());
+    }
+
+    #[test]
+    fn restart_segment_header_round_trips_and_rejects_flips() {
+        let mark = RestartMark { prev_term: Term(9), commit_seq: 41 };
+        let h = SegmentHeader { segment_id: 3, first_index: LogIndex(1000), restart: Some(mark) };
+        let b = h.encode();
+        assert_eq!(SegmentHeader::decode(&b), Ok(h));
+        assert_eq!(u32_at(&b, 12), SEGMENT_FLAG_RESTART);
+        for bit in 0..b.len() * 8 {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert_ne!(SegmentHeader::decode(&c), Ok(h), "flip of bit {bit}");
+        }
+    }
+
+    #[test]
+    fn unknown_segment_flags_are_refused() {
+        let mut b =
+            SegmentHeader { segment_id: 1, first_index: LogIndex(1), restart: None }.encode();
+        b[12] = 2;
+        let crc = crc32fast::hash(&b[0..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            SegmentHeader::decode(&b).is_err_and(|e| e.contains("unknown segment header flags"))
+        );
     }
 }

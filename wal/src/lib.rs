@@ -10,7 +10,8 @@
 //! one `fdatasync`, then publishes the new entries to readers and wakes every waiter it covered
 //! (group commit). [`Wal::read`] hands out zero-copy [`Record`]s from memory-mapped segments,
 //! each checksum-verified first. [`Wal::truncate_suffix`] supersedes a suffix with a new
-//! segment; [`Wal::compact_prefix`] deletes whole segments below a new first index. A failed
+//! segment; [`Wal::compact_prefix`] deletes whole segments below a new first index;
+//! [`Wal::restart_at`] discards the whole log for an empty one at a given index. A failed
 //! write or sync poisons the WAL: every later call returns [`Error::Poisoned`].
 //!
 //! The byte layout, the recovery algorithm and the crash argument are in docs/wal-format.md.

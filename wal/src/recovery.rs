@@ -46,7 +46,8 @@ pub struct RecoveryReport {
     pub torn_tail: Option<TornTail>,
     /// Segment files in use.
     pub segments: usize,
-    /// Files removed as obsolete (superseded, compacted, or a segment whose creation was torn).
+    /// Files removed as obsolete (superseded, compacted, discarded by a restart, the segment of
+    /// an unfinished restart, or a segment whose creation was torn).
     pub removed: Vec<String>,
 }
 
@@ -281,6 +282,54 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         headers.push(header);
     }
     let mut obsolete: Vec<String> = Vec::new();
+
+    // Restarts. A restart segment whose committing hard-state slot is not durable is an
+    // unfinished restart: obsolete. Nothing is written behind it before that slot is, so it
+    // can only be the last segment. The last committed restart segment makes every segment
+    // before it obsolete, whatever those hold.
+    if let Some(mark) = headers.last().and_then(|h| h.restart)
+        && mark.commit_seq > meta.seq
+    {
+        headers.pop();
+        obsolete.push(opened.pop().expect("as many segments as headers").name);
+    }
+    if let Some(at) = headers.iter().rposition(|h| h.restart.is_some()) {
+        let (seg, header) = (&opened[at], headers[at]);
+        let mark = header.restart.expect("found by its mark");
+        if mark.commit_seq > meta.seq {
+            return Err(corrupt(
+                &seg.name,
+                0,
+                format!(
+                    "restart segment followed by other segments, but its hard-state slot {} \
+                     is not durable (the hard state is at {})",
+                    mark.commit_seq, meta.seq
+                ),
+            ));
+        }
+        // The committing slot holds this restart's start; later slots keep it or compact past
+        // it. Anything else means the hard state and the segments disagree.
+        if meta.first_index < header.first_index
+            || (meta.first_index == header.first_index && meta.first_prev_term != mark.prev_term)
+        {
+            return Err(corrupt(
+                META_FILE,
+                0,
+                format!(
+                    "hard state starts the log at {} (term {} before it) but restart segment \
+                     {} restarted it at {} (term {} before it)",
+                    meta.first_index,
+                    meta.first_prev_term,
+                    seg.name,
+                    header.first_index,
+                    mark.prev_term
+                ),
+            ));
+        }
+        headers.drain(..at);
+        obsolete.extend(opened.drain(..at).map(|s| s.name));
+    }
+
     let mut later_min = LogIndex(u64::MAX);
     let mut superseded = vec![false; opened.len()];
     for i in (0..opened.len()).rev() {
@@ -415,6 +464,20 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         }
         Some(_) => {}
     }
+    // After a process crash (no power loss) the bytes read above may sit only in the page
+    // cache: a hard-state save or a group whose sync never ran, a segment whose name was never
+    // synced. Make everything recovery trusts durable before anyone acts on it; otherwise a
+    // later power loss could take back a vote this node has already honoured. This comes
+    // before the deletions below: each is justified by a hard-state slot (compaction, restart)
+    // or a segment header (truncation) read here, and must not outlive it in a power loss.
+    meta_file.sync_data().map_err(Error::io("fdatasync hard state"))?;
+    for seg in &view.segments {
+        seg.file.sync_data().map_err(Error::io("fdatasync segment"))?;
+    }
+    storage.sync_dir().map_err(Error::io("sync dir"))?;
+    // In id order (names sort by id): a segment that justifies deleting earlier ones is never
+    // deleted before them.
+    obsolete.sort();
     for name in &obsolete {
         match storage.remove(name) {
             Ok(()) => {}
@@ -422,16 +485,12 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
             Err(e) => return Err(Error::Io { op: "remove obsolete segment", source: e }),
         }
     }
-    removed.extend(obsolete);
-    // After a process crash (no power loss) the bytes read above may sit only in the page
-    // cache: a hard-state save or a group whose sync never ran, a segment whose name was never
-    // synced. Make everything recovery trusts durable before anyone acts on it; otherwise a
-    // later power loss could take back a vote this node has already honoured.
-    meta_file.sync_data().map_err(Error::io("fdatasync hard state"))?;
-    for seg in &view.segments {
-        seg.file.sync_data().map_err(Error::io("fdatasync segment"))?;
+    // Durable before anyone writes: the first hard-state save after this takes the very `seq`
+    // an unfinished restart segment names as its commit, so that segment must never come back.
+    if !obsolete.is_empty() {
+        storage.sync_dir().map_err(Error::io("sync dir after removing obsolete segments"))?;
     }
-    storage.sync_dir().map_err(Error::io("sync dir"))?;
+    removed.extend(obsolete);
     let last_crc = view.link(view.last_index)?.map_or(0, |(crc, _)| crc);
     let next_segment_id = seg_ids.last().map_or(1, |(id, _)| id + 1);
     let report = RecoveryReport {

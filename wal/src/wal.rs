@@ -1,4 +1,5 @@
-//! The WAL: submission queue, group commit, segment rollover, truncation, compaction, reads.
+//! The WAL: submission queue, group commit, segment rollover, truncation, compaction, restart,
+//! reads.
 //!
 //! Group commit is a write barrier in the style of tikv/raft-engine: `submit` encodes a batch
 //! into the open group at the back of a bounded queue; the first caller of `wait` that finds the
@@ -19,7 +20,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    META_SLOT_STRIDE, MetaSlot, SEGMENT_HEADER_BYTES, SegmentHeader, chain_frame,
+    META_SLOT_STRIDE, MetaSlot, RestartMark, SEGMENT_HEADER_BYTES, SegmentHeader, chain_frame,
     encode_frame_unchained, frame_bytes,
 };
 use crate::metrics::WalMetrics;
@@ -37,8 +38,9 @@ pub enum Durability {
     Sync,
     /// No `fdatasync` for groups or hard state: a power loss loses acknowledged appends, and
     /// may leave damage that recovery must report as corruption (its rule that a later group
-    /// implies a synced earlier one no longer holds). For benchmarks that say so in their
-    /// output; never for a real cluster.
+    /// implies a synced earlier one no longer holds). Segment seals and creations and the
+    /// commit of [`Wal::restart_at`] still sync. For benchmarks that say so in their output;
+    /// never for a real cluster.
     UnsafeNoSync,
 }
 
@@ -571,12 +573,18 @@ impl Wal {
         Ok(())
     }
 
-    /// Creates, preallocates, stamps and makes durable a new segment starting at `first_index`.
-    fn create_segment(&self, writer: &mut Writer, first_index: LogIndex) -> Result<SegmentIndex> {
+    /// Creates, preallocates, stamps and makes durable a new segment starting at `first_index`
+    /// (a restart segment when `restart` is set).
+    fn create_segment(
+        &self,
+        writer: &mut Writer,
+        first_index: LogIndex,
+        restart: Option<RestartMark>,
+    ) -> Result<SegmentIndex> {
         let id = writer.next_segment_id;
         writer.next_segment_id += 1;
         let name = segment_name(id);
-        let header = SegmentHeader { segment_id: id, first_index };
+        let header = SegmentHeader { segment_id: id, first_index, restart };
         // The header is durable before the file has its segment name, and the name is durable
         // before any frame is written to it.
         let file = match self.preparer.as_ref().and_then(Preparer::take) {
@@ -621,7 +629,7 @@ impl Wal {
                 Some(a) => a,
                 None => {
                     let first = LogIndex(group.first_index.get() + i as u64);
-                    let seg = self.create_segment(writer, first)?;
+                    let seg = self.create_segment(writer, first, None)?;
                     created.push(seg);
                     writer.active.as_mut().expect("just created")
                 }
@@ -745,7 +753,7 @@ impl Wal {
             (view.term(from.prev())?, prev_crc)
         };
         let writer = q.writer.as_mut().expect("exclusive() holds a free writer");
-        let created = self.seal(writer).and_then(|()| self.create_segment(writer, from));
+        let created = self.seal(writer).and_then(|()| self.create_segment(writer, from, None));
         let created = match created {
             Ok(seg) => seg,
             Err(e) => {
@@ -775,6 +783,84 @@ impl Wal {
         };
         drop(q);
         self.remove_files(&obsolete)
+    }
+
+    /// Discards the whole log and restarts it, empty, at `first_index`, with `prev_term` as the
+    /// term of the entry at `first_index - 1`: what a Raft follower does when the leader says
+    /// its log now starts there (consensus's `LogStart`). Afterwards [`Wal::first_index`] is
+    /// `first_index`, [`Wal::last_index`] is `first_index - 1`, [`Wal::term`] of
+    /// `first_index - 1` is `prev_term`, and the next append must start at `first_index` with a
+    /// term of at least `prev_term`. `first_index` may lie beyond the last index, inside the
+    /// log or below its first index: every entry is discarded either way. The hard state is
+    /// untouched (its commit index may now lie outside the log; that is the caller's business).
+    ///
+    /// Appends queued when this is called are written first and their waiters get `Ok`, as
+    /// with [`Wal::truncate_suffix`]; they are then discarded with the rest of the log.
+    /// Submissions made while this runs wait for it and must start at `first_index`.
+    ///
+    /// Durable on return. A crash at any point recovers either the whole old log or the new
+    /// empty one, never a mix: the commit point is the durable write of the hard-state slot
+    /// that holds the new log start (docs/wal-format.md). Old segments are deleted, never
+    /// overwritten, so readers holding [`Record`]s of them are unaffected. Any IO failure
+    /// poisons the WAL. `first_index` 0 is refused with [`Error::OutOfRange`].
+    pub fn restart_at(&self, first_index: LogIndex, prev_term: Term) -> Result<()> {
+        if first_index == LogIndex(0) {
+            let view = self.view_read();
+            return Err(Error::OutOfRange {
+                index: first_index,
+                first: view.first_index,
+                last: view.last_index,
+            });
+        }
+        // The writer, exclusively, until the old segments are durably gone: a truncation or
+        // compaction must not delete the restart segment while segments it makes obsolete may
+        // still come back after a crash (recovery would then read them as the log).
+        let mut q = self.exclusive()?;
+        // The meta lock from before the restart segment names its commit sequence number until
+        // that slot is written, so no other hard-state save can take the number.
+        let mut meta = self.meta.lock();
+        self.check_poisoned()?;
+        let writer = q.writer.as_mut().expect("exclusive() holds a free writer");
+        let mark = RestartMark { prev_term, commit_seq: meta.slot.seq + 1 };
+        let created =
+            self.seal(writer).and_then(|()| self.create_segment(writer, first_index, Some(mark)));
+        let created = match created {
+            Ok(seg) => seg,
+            Err(e) => {
+                self.poison();
+                return Err(e);
+            }
+        };
+        let mut slot = meta.slot;
+        slot.first_index = first_index;
+        slot.first_prev_term = prev_term;
+        // The commit point: once this slot is durable, recovery takes the restart segment as
+        // the whole log. Synced in every durability mode: the old segments are deleted next.
+        // `write_meta` poisons on failure.
+        self.write_meta(&mut meta, slot, true)?;
+        assert_eq!(meta.slot.seq, mark.commit_seq, "the restart's slot has its commit seq");
+        drop(meta);
+        // The entry before the new first index is not held, so the first frame starts a new
+        // chain, as after a compaction past the last segment.
+        writer.prev_crc = 0;
+        q.next_index = first_index;
+        q.last_term = prev_term;
+        let obsolete: Vec<String> = {
+            let mut view = self.view_write();
+            let old = std::mem::replace(&mut view.segments, vec![created]);
+            view.first_index = first_index;
+            view.first_prev_term = prev_term;
+            view.last_index = first_index.prev();
+            view.last_term = prev_term;
+            self.metrics.segments.set(view.segments.len() as f64);
+            old.into_iter().map(|s| s.name).collect()
+        };
+        let removed = self.remove_files(&obsolete);
+        if removed.is_err() {
+            self.poison();
+        }
+        drop(q);
+        removed
     }
 
     fn remove_files(&self, names: &[String]) -> Result<()> {
@@ -812,7 +898,7 @@ impl Wal {
         let mut slot = meta.slot;
         slot.first_index = before;
         slot.first_prev_term = prev_term;
-        self.write_meta(&mut meta, slot)?;
+        self.write_meta(&mut meta, slot, false)?;
         let obsolete: Vec<String> = {
             let mut view = self.view_write();
             view.first_index = before;
@@ -827,13 +913,19 @@ impl Wal {
         self.remove_files(&obsolete)
     }
 
-    fn write_meta(&self, meta: &mut MetaState, mut slot: MetaSlot) -> Result<()> {
+    /// Writes the next hard-state slot and syncs it (under `UnsafeNoSync` only if `always_sync`).
+    fn write_meta(
+        &self,
+        meta: &mut MetaState,
+        mut slot: MetaSlot,
+        always_sync: bool,
+    ) -> Result<()> {
         self.check_poisoned()?;
         slot.seq = meta.slot.seq + 1;
         let at = (slot.seq % 2) * META_SLOT_STRIDE;
         let result = meta.file.write_at(&slot.encode(), at).map_err(Error::io("write hard state"));
         let result = result.and_then(|()| {
-            if self.opts.durability == Durability::Sync {
+            if always_sync || self.opts.durability == Durability::Sync {
                 let start = Instant::now();
                 meta.file.sync_data().map_err(Error::io("fdatasync hard state"))?;
                 self.metrics.fsync_seconds.record(start.elapsed().as_secs_f64());
@@ -870,7 +962,7 @@ impl Wal {
         );
         let mut slot = meta.slot;
         slot.hard_state = hs;
-        self.write_meta(&mut meta, slot)
+        self.write_meta(&mut meta, slot, false)
     }
 
     /// The last saved hard state.

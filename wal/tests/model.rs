@@ -1,6 +1,7 @@
 //! A property test against an in-memory model: append, truncate_suffix, compact_prefix,
-//! save_hard_state and reopen in random order; after every step the WAL and the model agree on
-//! the first and last index, every entry, the term at the compaction boundary and the hard state.
+//! restart_at, save_hard_state and reopen in random order; after every step the WAL and the
+//! model agree on the first and last index, every entry, the term at the compaction boundary
+//! and the hard state.
 
 use std::sync::Arc;
 
@@ -21,6 +22,12 @@ enum Op {
     Compact(f64),
     /// Advance the commit index by this fraction of the uncommitted suffix.
     Commit(f64),
+    /// Restart the log at `first - 1 + offset` (below, inside or beyond the log; at least 1),
+    /// with a term before it chosen by this fraction of the current term.
+    Restart {
+        offset: i64,
+        term: f64,
+    },
     Reopen,
 }
 
@@ -31,6 +38,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0.0..1.0f64).prop_map(Op::Truncate),
         1 => (0.0..1.0f64).prop_map(Op::Compact),
         2 => (0.0..1.0f64).prop_map(Op::Commit),
+        1 => (-5i64..80, 0.0..1.0f64).prop_map(|(offset, term)| Op::Restart { offset, term }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -133,7 +141,8 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Compact(f) => {
-                let hi = m.hard_state.commit.get() + 1;
+                // After a restart below the commit index, the commit lies beyond the log.
+                let hi = m.hard_state.commit.get().min(m.last()) + 1;
                 if hi > m.first {
                     let before = m.first + 1 + ((hi - m.first - 1) as f64 * f) as u64;
                     let prev = m.term_at(before - 1);
@@ -150,6 +159,14 @@ fn run(ops: Vec<Op>) {
                     HardState { term: m.term, vote: m.hard_state.vote, commit: LogIndex(commit) };
                 wal.save_hard_state(hs).expect("save");
                 m.hard_state = hs;
+            }
+            Op::Restart { offset, term } => {
+                let first = (m.first as i64 - 1 + offset).max(1) as u64;
+                let prev = Term(1 + ((m.term.get() - 1) as f64 * term) as u64);
+                wal.restart_at(LogIndex(first), prev).expect("restart");
+                m.entries.clear();
+                m.first = first;
+                m.first_prev_term = prev;
             }
             Op::Reopen => {
                 drop(wal);
