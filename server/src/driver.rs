@@ -333,7 +333,10 @@ impl Driver {
         match self.raw.propose(envelope::encode_batch(&records, producer)) {
             Ok(range) => {
                 let term = self.raw.term();
-                self.waiters.insert(*range.start(), Waiter { term, reply });
+                // An older waiter at this index belongs to an entry this leader's log replaced.
+                if let Some(old) = self.waiters.insert(*range.start(), Waiter { term, reply }) {
+                    let _ = old.reply.send(Err(DriverError::Lost));
+                }
             }
             Err(RaftError::Store(e)) => return Err(format!("log store: {e}")),
             Err(e) => {
@@ -441,11 +444,22 @@ impl Driver {
         self.send_all(rd.messages);
         let wal = self.raw.store().wal().clone();
         if let Some(start) = &rd.log_start {
-            return Err(format!(
-                "the leader asked this node to restart its log at {} (it is behind the leader's \
-                 trimmed log start); log restarts are not supported by this build",
-                start.first_index
-            ));
+            // This node is behind the leader's trimmed log start: its whole log restarts there.
+            let shared = self.shared.clone();
+            let mut state = shared.state.write();
+            let record = self.start_record(start.first_index, start.membership.clone(), &state);
+            self.change_start(record, |wal| wal.restart_at(start.first_index, start.prev_term))?;
+            // Whatever this node's old log said after the new start is gone with it.
+            self.memberships = vec![(start.first_index.prev(), start.membership.clone())];
+            self.raw.store_mut().set_start_membership(start.membership.clone());
+            state.restart(start.first_index.prev());
+            let readable = state.readable();
+            drop(state);
+            for (_, w) in self.waiters.drain() {
+                let _ = w.reply.send(Err(DriverError::Lost));
+            }
+            self.shared.readable.send_replace(readable);
+            tracing::info!(first = %start.first_index, "log restarted at the leader's log start");
         }
         if let Some(first) = rd.entries.first() {
             if first.index <= wal.last_index() {
@@ -476,14 +490,12 @@ impl Driver {
                         self.waiters.insert(e.index, w);
                     }
                 }
-                for map in [&mut self.conf_waiters, &mut self.trim_waiters] {
-                    if let Some(w) = map.remove(&e.index) {
-                        if w.term == e.term {
-                            let _ = w.reply.send(Ok(e.index));
-                        } else {
-                            let _ = w.reply.send(Err(DriverError::Lost));
-                        }
-                    }
+                if let Some(w) = self.conf_waiters.remove(&e.index) {
+                    let _ = w.reply.send(if w.term == e.term {
+                        Ok(e.index)
+                    } else {
+                        Err(DriverError::Lost)
+                    });
                 }
                 if let Some((at, _, _)) = &self.queued_conf
                     && *at == e.index
@@ -499,16 +511,27 @@ impl Driver {
                 }
                 let applied = state.apply(e.index, e.kind, &e.data);
                 self.settle(applied, &mut state, &wal)?;
+                // A trim is answered once applied here, with the log's new first index.
+                if let Some(w) = self.trim_waiters.remove(&e.index) {
+                    let _ = w.reply.send(if w.term == e.term {
+                        Ok(wal.first_index())
+                    } else {
+                        Err(DriverError::Lost)
+                    });
+                }
             }
-            let readable = state.readable();
             drop(state);
             metrics::counter!("raftwal_server_proposals_committed_total")
                 .increment(rd.committed_entries.len() as u64);
-            self.shared.readable.send_replace(readable);
         }
         if let Some(m) = rd.membership {
             let applied = self.shared.state.read().applied();
             self.apply_membership(applied, m);
+        }
+        // Published last, so that whoever wakes on it also sees the membership it implies.
+        if !rd.committed_entries.is_empty() {
+            let readable = self.shared.state.read().readable();
+            self.shared.readable.send_replace(readable);
         }
         Ok(())
     }
@@ -551,20 +574,55 @@ impl Driver {
                 let before = before.min(state.readable().next()).min(wal.last_index().next());
                 if before > wal.first_index() {
                     let membership = self.membership_at(before.prev());
-                    let mut history =
-                        vec![(wal.first_index(), self.membership_at(wal.first_index().prev()))];
-                    history.push((before, membership.clone()));
-                    store::write_log_start(&self.data_dir, &history)
-                        .map_err(|e| format!("write log start: {e}"))?;
-                    wal.compact_prefix(before).map_err(|e| format!("wal compact: {e}"))?;
-                    store::write_log_start(&self.data_dir, &history[1..])
-                        .map_err(|e| format!("write log start: {e}"))?;
+                    let new = self.start_record(before, membership.clone(), state);
+                    self.change_start(new, |wal| wal.compact_prefix(before))?;
                     self.raw.store_mut().set_start_membership(membership);
                     state.trimmed(before);
-                    self.memberships.retain(|(i, _)| *i >= before.prev());
+                    tracing::info!(%before, "log trimmed");
                 }
             }
         }
+        Ok(())
+    }
+
+    fn start_record(
+        &self,
+        first_index: LogIndex,
+        membership: Membership,
+        state: &LogState,
+    ) -> store::StartRecord {
+        store::StartRecord {
+            first_index,
+            membership,
+            addresses: state.addresses().values().cloned().collect(),
+        }
+    }
+
+    /// Moves the log start durably: the log-start file first names both starts, then the WAL
+    /// changes, then the file names only the new one (a crash anywhere leaves a record that
+    /// matches the WAL's first index). Keeps the membership history from the new start on.
+    fn change_start(
+        &mut self,
+        new: store::StartRecord,
+        change: impl FnOnce(&Wal) -> raftwal_wal::Result<()>,
+    ) -> Result<(), String> {
+        let wal = self.raw.store().wal().clone();
+        let old_first = wal.first_index();
+        let old = store::StartRecord {
+            first_index: old_first,
+            membership: self.membership_at(old_first.prev()),
+            addresses: new.addresses.clone(),
+        };
+        if old.first_index != new.first_index {
+            store::write_log_start(&self.data_dir, &[old, new.clone()])
+                .map_err(|e| format!("write log start: {e}"))?;
+        }
+        change(&wal).map_err(|e| format!("wal: {e}"))?;
+        store::write_log_start(&self.data_dir, std::slice::from_ref(&new))
+            .map_err(|e| format!("write log start: {e}"))?;
+        let at = new.first_index.prev();
+        self.memberships.retain(|(i, _)| *i > at);
+        self.memberships.insert(0, (at, new.membership));
         Ok(())
     }
 

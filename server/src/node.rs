@@ -97,7 +97,9 @@ impl Node {
         }
         let wal = Arc::new(wal);
         let first = wal.first_index();
-        let start_membership = store::read_log_start(&cfg.data_dir, first)?.unwrap_or_default();
+        let start = store::read_log_start(&cfg.data_dir, first)?;
+        let start_membership = start.as_ref().map(|r| r.membership.clone()).unwrap_or_default();
+        let start_addresses = start.map(|r| r.addresses).unwrap_or_default();
         let restored = Restored {
             hard_state: wal.hard_state(),
             membership: start_membership.clone(),
@@ -114,16 +116,22 @@ impl Node {
         for p in &peers {
             tc.peers.insert(p.id, p.peer_addr);
         }
+        for a in start_addresses.iter().filter(|a| a.id != id) {
+            tc.peers.insert(a.id, a.peer);
+        }
         let (transport, mut inbox) = Transport::start(tc).context("start the peer transport")?;
         let peer_addr = transport.local_addr();
 
         let mut api_addrs: BTreeMap<NodeId, String> =
             peers.iter().map(|p| (p.id, p.api_addr.clone())).collect();
+        api_addrs.extend(start_addresses.iter().map(|a| (a.id, a.api.clone())));
+        let mut log_state = LogState::new(first.prev(), cfg.producers_max as usize);
+        log_state.restore_addresses(start_addresses);
         let (readable_tx, _) = watch::channel(first.prev());
         let shared = Arc::new(Shared {
             id,
             wal,
-            state: RwLock::new(LogState::new(first.prev(), cfg.producers_max as usize)),
+            state: RwLock::new(log_state),
             readable: readable_tx,
             status: RwLock::new(raw.status()),
             api_addrs: RwLock::new(BTreeMap::new()),

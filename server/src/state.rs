@@ -92,6 +92,21 @@ impl LogState {
         }
     }
 
+    /// Starts over after the log restarted at `applied + 1`: what the trimmed entries said is
+    /// gone, except the node addresses, which the log-start record keeps.
+    pub fn restart(&mut self, applied: LogIndex) {
+        let addresses = std::mem::take(&mut self.addresses);
+        *self = LogState::new(applied, self.producers_max);
+        self.addresses = addresses;
+    }
+
+    /// Adds addresses kept with the log start (at startup, before applying anything).
+    pub fn restore_addresses(&mut self, addresses: impl IntoIterator<Item = Addresses>) {
+        for a in addresses {
+            self.addresses.insert(a.id, a);
+        }
+    }
+
     /// The last applied index.
     pub fn applied(&self) -> LogIndex {
         self.applied

@@ -19,6 +19,8 @@ use raftwal_consensus::{
 };
 use raftwal_wal::{Record, Wal};
 
+use crate::envelope::{self, Addresses, Payload};
+
 /// Consensus's read-only view of the WAL.
 #[derive(Debug, Clone)]
 pub struct WalStore {
@@ -115,14 +117,26 @@ pub fn log_start_path(data_dir: &Path) -> PathBuf {
     data_dir.join("log-start")
 }
 
-/// Reads the membership as of the log start `first_index`; `None` when the log was never
-/// trimmed. The file keeps one or two (first index, membership) pairs: a trim writes the old and
-/// the new start, compacts the WAL, then writes only the new one, so a crash at any point leaves
-/// a pair that matches the WAL's first index.
+/// What the node keeps about its log start: the membership in effect just before it and the
+/// replicated node addresses known then (both would otherwise be lost with the trimmed entries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartRecord {
+    /// The WAL's first index this record belongs to.
+    pub first_index: LogIndex,
+    /// The membership as of `first_index - 1`.
+    pub membership: Membership,
+    /// Node addresses replicated before `first_index`.
+    pub addresses: Vec<Addresses>,
+}
+
+/// Reads the record for the log start `first_index`; `None` when the log was never trimmed or
+/// restarted. The file keeps one or two records: a trim or restart writes the old and the new
+/// start, changes the WAL, then writes only the new one, so a crash at any point leaves a
+/// record that matches the WAL's first index.
 pub fn read_log_start(
     data_dir: &Path,
     first_index: LogIndex,
-) -> anyhow::Result<Option<Membership>> {
+) -> anyhow::Result<Option<StartRecord>> {
     let path = log_start_path(data_dir);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -137,36 +151,52 @@ pub fn read_log_start(
     if crc32fast::hash(body).to_le_bytes() != crc {
         return Err(damaged("checksum mismatch"));
     }
-    let count = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
-    let mut at = 4;
+    let mut at = 0;
+    let mut take = |n: usize| -> anyhow::Result<&[u8]> {
+        let s = body.get(at..at + n).ok_or_else(|| damaged("truncated"))?;
+        at += n;
+        Ok(s)
+    };
+    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let count = u32_of(take(4)?);
     for _ in 0..count {
-        if body.len() < at + 12 {
-            return Err(damaged("truncated"));
+        let first = LogIndex(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")));
+        let len = u32_of(take(4)?) as usize;
+        let membership = Membership::decode(take(len)?).ok_or_else(|| damaged("bad membership"))?;
+        let n = u32_of(take(4)?);
+        let mut addresses = Vec::new();
+        for _ in 0..n {
+            let len = u32_of(take(4)?) as usize;
+            let raw = Bytes::copy_from_slice(take(len)?);
+            match envelope::decode(&raw) {
+                Ok(Payload::Address(a)) => addresses.push(a),
+                _ => return Err(damaged("bad address")),
+            }
         }
-        let first = LogIndex(u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes")));
-        let len = u32::from_le_bytes(body[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
-        at += 12;
-        let m = body.get(at..at + len).ok_or_else(|| damaged("truncated"))?;
-        at += len;
         if first == first_index {
-            return Membership::decode(m).map(Some).ok_or_else(|| damaged("bad membership"));
+            return Ok(Some(StartRecord { first_index: first, membership, addresses }));
         }
     }
     if first_index == LogIndex(1) {
         return Ok(None);
     }
-    Err(damaged(&format!("no membership for the log start {first_index}")))
+    Err(damaged(&format!("no record for the log start {first_index}")))
 }
 
-/// Writes the (first index, membership) pairs, atomically and durably (write, sync, rename,
-/// sync the directory).
-pub fn write_log_start(data_dir: &Path, starts: &[(LogIndex, Membership)]) -> std::io::Result<()> {
-    let mut bytes = (starts.len() as u32).to_le_bytes().to_vec();
-    for (first, m) in starts {
-        let m = m.encode();
-        bytes.extend_from_slice(&first.0.to_le_bytes());
+/// Writes the records, atomically and durably (write, sync, rename, sync the directory).
+pub fn write_log_start(data_dir: &Path, records: &[StartRecord]) -> std::io::Result<()> {
+    let mut bytes = (records.len() as u32).to_le_bytes().to_vec();
+    for r in records {
+        let m = r.membership.encode();
+        bytes.extend_from_slice(&r.first_index.0.to_le_bytes());
         bytes.extend_from_slice(&(m.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&m);
+        bytes.extend_from_slice(&(r.addresses.len() as u32).to_le_bytes());
+        for a in &r.addresses {
+            let e = envelope::encode_address(a);
+            bytes.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&e);
+        }
     }
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
@@ -179,4 +209,40 @@ pub fn write_log_start(data_dir: &Path, starts: &[(LogIndex, Membership)]) -> st
     }
     std::fs::rename(&tmp, log_start_path(data_dir))?;
     std::fs::File::open(data_dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftwal_consensus::NodeId;
+
+    #[test]
+    fn the_record_matching_the_first_index_is_read_back_and_damage_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_log_start(dir.path(), LogIndex(1)).expect("absent"), None);
+        let a = Addresses {
+            id: NodeId(4),
+            peer: "127.0.0.1:9".parse().expect("addr"),
+            api: "h:1".into(),
+        };
+        let old = StartRecord {
+            first_index: LogIndex(1),
+            membership: Membership::new([NodeId(1)]),
+            addresses: vec![],
+        };
+        let new = StartRecord {
+            first_index: LogIndex(50),
+            membership: Membership::new([NodeId(1), NodeId(4)]),
+            addresses: vec![a],
+        };
+        write_log_start(dir.path(), &[old.clone(), new.clone()]).expect("write");
+        assert_eq!(read_log_start(dir.path(), LogIndex(1)).expect("read"), Some(old));
+        assert_eq!(read_log_start(dir.path(), LogIndex(50)).expect("read"), Some(new));
+        assert!(read_log_start(dir.path(), LogIndex(7)).is_err(), "no record for that start");
+        let mut bytes = std::fs::read(log_start_path(dir.path())).expect("read");
+        bytes[6] ^= 1;
+        std::fs::write(log_start_path(dir.path()), bytes).expect("write");
+        let err = read_log_start(dir.path(), LogIndex(50)).expect_err("damaged");
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
 }

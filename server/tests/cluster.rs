@@ -238,3 +238,88 @@ async fn a_learner_is_added_promoted_and_a_node_removed_while_appends_run() {
     assert_eq!(got, acked, "the new node has every acknowledged append");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_the_trimmed_log_start_restarts_its_log_and_catches_up() {
+    let mut c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let behind = (1..=3).find(|&id| id != leader).expect("a follower");
+    let client = c.client().await;
+    for i in 0..10 {
+        client.append([format!("early-{i}")]).await.expect("append");
+    }
+    c.stop_node(behind).await;
+    let mut acked = BTreeMap::new();
+    for i in 0..40 {
+        let a =
+            client.append([format!("late-{i}")]).await.expect("append without the stopped node");
+        acked.insert(a.first_offset.0, format!("late-{i}").into_bytes());
+    }
+    let trim_at = *acked.keys().nth(20).expect("acked");
+    let first = client.trim(Offset(trim_at)).await.expect("trim");
+    assert_eq!(first, Offset(trim_at));
+    match client.read(Offset(1), 10, 0).await {
+        Err(ClientError::Trimmed { first_offset }) => assert_eq!(first_offset, Offset(trim_at)),
+        other => panic!("a read below the log start is refused, got {other:?}"),
+    }
+    // The stopped node's log ends before the leader's first index: it must restart its log.
+    c.start_node(behind).await;
+    let last = *acked.keys().last().expect("acked");
+    c.wait_applied(behind, last).await;
+    assert_eq!(
+        c.nodes[&behind].shared.wal.first_index().0,
+        trim_at,
+        "its log restarted at the leader's start"
+    );
+    let expected: BTreeMap<u64, Vec<u8>> =
+        acked.range(trim_at..).map(|(k, v)| (*k, v.clone())).collect();
+    let mut got = BTreeMap::new();
+    let reader = c.client_of(behind).await;
+    let mut next = Offset(trim_at);
+    loop {
+        let batch = reader.read(next, 1000, 0).await.expect("read");
+        if batch.records.is_empty() {
+            break;
+        }
+        got.extend(batch.records.into_iter().map(|r| (r.offset.0, r.data.to_vec())));
+        next = batch.next_offset;
+    }
+    assert_eq!(got, expected, "the restarted follower serves everything from the new start");
+    // It keeps working as a member: appends still commit with it, and it survives a restart.
+    c.stop_node(behind).await;
+    c.start_node(behind).await;
+    let a = client.append(["after"]).await.expect("append");
+    c.wait_applied(behind, a.last_offset.0).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_wal_is_corrupt_refuses_to_start_and_changes_nothing() {
+    let mut c = Cluster::start(3, 0).await;
+    c.leader().await;
+    let client = c.client().await;
+    for i in 0..20 {
+        client.append([format!("r{i}")]).await.expect("append");
+    }
+    c.stop_node(2).await;
+    let wal_dir = c.configs[&2].data_dir.join("wal");
+    let mut segments: Vec<_> = std::fs::read_dir(&wal_dir)
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    let first = segments.first().expect("a segment").clone();
+    let mut bytes = std::fs::read(&first).expect("read");
+    // Inside the payload of the first frame (64-byte segment header, 40-byte frame header):
+    // valid frames follow, so this is corruption, not a torn tail.
+    bytes[64 + 40 + 1] ^= 0x10;
+    std::fs::write(&first, &bytes).expect("write");
+    let err = raftwal_server::Node::start(c.configs[&2].clone()).await.expect_err("must refuse");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("refusing to start") && msg.contains("corrupt"), "{msg}");
+    assert_eq!(std::fs::read(&first).expect("read"), bytes, "nothing was changed on disk");
+    // The other two carry on.
+    client.append(["still"]).await.expect("a quorum remains");
+    c.shutdown().await;
+}
