@@ -132,9 +132,11 @@ pub(crate) fn classify(status: Status) -> Verdict {
             Verdict::NotLeader { leader_addr: trailer_str(&status, TRAILER_LEADER_ADDR) }
         }
         Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => Verdict::Ambiguous,
-        // Unknown and Internal from the transport are broken streams and connections; from a
-        // server they are final.
-        Code::Unknown | Code::Internal if from_transport => Verdict::Ambiguous,
+        // UNKNOWN is the server's "the outcome is unknown" (it stopped, or its log restarted,
+        // with the request in flight); from the transport it is a broken stream. Internal
+        // from the transport is a broken connection; from a server it is final.
+        Code::Unknown => Verdict::Ambiguous,
+        Code::Internal if from_transport => Verdict::Ambiguous,
         Code::ResourceExhausted => Verdict::Overloaded,
         Code::FailedPrecondition => match trailer_u64(&status, TRAILER_NEXT_OFFSET) {
             Some(next) => Verdict::Final(ClientError::OffsetMismatch { next_offset: Offset(next) }),
@@ -159,7 +161,9 @@ pub(crate) fn classify_stream_error(error: &proto::Error) -> Verdict {
         Code::Unavailable => Verdict::NotLeader {
             leader_addr: Some(error.leader_addr.clone()).filter(|a| !a.is_empty()),
         },
-        Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => Verdict::Ambiguous,
+        Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::Unknown => {
+            Verdict::Ambiguous
+        }
         Code::ResourceExhausted => Verdict::Overloaded,
         Code::FailedPrecondition => match error.next_offset {
             Some(next) => Verdict::Final(ClientError::OffsetMismatch { next_offset: Offset(next) }),

@@ -3,7 +3,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -46,6 +45,7 @@ struct Limits {
     record_bytes_max: u64,
     request_bytes_max: u64,
     appends_inflight_max: u64,
+    appends_inflight_bytes_max: u64,
     append_stream_window: u32,
 }
 
@@ -64,6 +64,7 @@ pub fn serve(
             record_bytes_max: cfg.record_bytes_max,
             request_bytes_max: cfg.request_bytes_max,
             appends_inflight_max: cfg.appends_inflight_max,
+            appends_inflight_bytes_max: cfg.appends_inflight_bytes_max,
             append_stream_window: cfg.append_stream_window,
         },
         followers: Arc::new(Semaphore::new(cfg.followers_max as usize)),
@@ -126,14 +127,23 @@ fn status_of(shared: &Shared, e: DriverError) -> Status {
         DriverError::StaleSequence { .. } => Code::FailedPrecondition,
         DriverError::Invalid(_) => Code::InvalidArgument,
         DriverError::Stopped(_) => Code::Unavailable,
+        DriverError::Unknown(_) => Code::Unknown,
     };
     Status::with_metadata(code, e.to_string(), md)
 }
 
 impl Api {
-    fn check_append(&self, req: &proto::AppendRequest) -> Result<(), Status> {
+    /// Checks an append's limits; returns its record bytes.
+    fn check_append(&self, req: &proto::AppendRequest) -> Result<u64, Status> {
         if req.records.is_empty() {
             return Err(Status::invalid_argument("an append needs at least one record"));
+        }
+        if req.records.len() as u64 > envelope::BATCH_RECORDS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "the append has {} records; the limit is {}",
+                req.records.len(),
+                envelope::BATCH_RECORDS_MAX
+            )));
         }
         let mut total = 0u64;
         for (i, r) in req.records.iter().enumerate() {
@@ -152,7 +162,7 @@ impl Api {
                 self.limits.request_bytes_max
             )));
         }
-        Ok(())
+        Ok(total)
     }
 
     /// Submits an append to the driver; the receiver completes at commit.
@@ -160,11 +170,15 @@ impl Api {
         &self,
         req: proto::AppendRequest,
     ) -> Result<(oneshot::Receiver<Result<AppendOk, DriverError>>, InflightGuard), Status> {
-        self.check_append(&req)?;
-        let inflight = self.shared.appends_inflight.fetch_add(1, Ordering::Relaxed);
-        let guard = InflightGuard(self.shared.clone());
-        if inflight >= self.limits.appends_inflight_max {
+        let bytes = self.check_append(&req)?;
+        let (guard, appends, inflight_bytes) = InflightGuard::new(self.shared.clone(), bytes);
+        if appends >= self.limits.appends_inflight_max {
             return Err(Status::resource_exhausted("too many appends in flight on this node"));
+        }
+        if inflight_bytes + bytes > self.limits.appends_inflight_bytes_max {
+            return Err(Status::resource_exhausted(
+                "too many bytes of appends in flight on this node",
+            ));
         }
         let (reply, rx) = oneshot::channel();
         let event = Event::Append(AppendReq {
@@ -191,7 +205,7 @@ impl Api {
                 error: None,
             }),
             Ok(Err(e)) => Err(status_of(&self.shared, e)),
-            Err(_) => Err(Status::unavailable(
+            Err(_) => Err(Status::unknown(
                 "the node stopped before the append completed; its outcome is unknown",
             )),
         }
@@ -206,19 +220,22 @@ impl Api {
     ) -> Result<proto::ReadResponse, Status> {
         let wal = &self.shared.wal;
         let readable = *self.shared.readable.borrow();
-        let first = wal.first_index();
-        let from = LogIndex(from.max(1));
-        if from < first {
+        let trimmed = |first: LogIndex| {
             let mut md = MetadataMap::new();
             md.insert(
                 "raftwal-first-offset",
                 first.0.to_string().parse().expect("digits are ASCII"),
             );
-            return Err(Status::with_metadata(
+            Status::with_metadata(
                 Code::OutOfRange,
                 format!("offset {from} was trimmed; the log starts at {first}"),
                 md,
-            ));
+            )
+        };
+        let from = LogIndex(from.max(1));
+        let first = self.shared.state.read().start().max(wal.first_index());
+        if from < first {
+            return Err(trimmed(first));
         }
         let max_records =
             if max_records == 0 { READ_RECORDS_DEFAULT } else { max_records.min(READ_RECORDS_MAX) };
@@ -229,10 +246,17 @@ impl Api {
         let mut bytes = 0u64;
         while next <= readable && out.len() < max_records as usize && bytes < u64::from(max_bytes) {
             let end = LogIndex((readable.0 + 1).min(next.0 + u64::from(max_records)));
-            let page = wal
-                .read(next..end, u64::from(max_bytes) - bytes)
-                .map_err(|e| Status::internal(format!("read: {e}")))?;
+            let page = wal.read(next..end, u64::from(max_bytes) - bytes).map_err(|e| {
+                // A trim or a log restart may have moved the start since it was checked.
+                let first = wal.first_index();
+                if next < first { trimmed(first) } else { Status::internal(format!("read: {e}")) }
+            })?;
             let state = self.shared.state.read();
+            if state.start() > next {
+                // The state moved past what was read (a trim or restart in between): what it
+                // says about those entries is gone, so they are not served.
+                return Err(trimmed(state.start()));
+            }
             for rec in page {
                 if out.len() >= max_records as usize
                     || (bytes >= u64::from(max_bytes) && !out.is_empty())
@@ -478,7 +502,8 @@ pub fn status_response(shared: &Shared, window: u32) -> proto::StatusResponse {
         term: s.term.0,
         leader_id: s.leader.map_or(0, |l| l.0),
         leader_addr: shared.leader_addr(s.leader).unwrap_or_default(),
-        commit_offset: s.commit.0,
+        // The snapshot may be a tick old; what is applied is committed, so never show less.
+        commit_offset: s.commit.0.max(shared.readable.borrow().0),
         applied_offset: shared.readable.borrow().0,
         first_offset: shared.wal.first_index().0,
         last_offset: s.last_index.0,
@@ -511,7 +536,7 @@ impl Api {
                 Ok(Response::new(proto::MembershipResponse { offset: index.0, members }))
             }
             Ok(Err(e)) => Err(status_of(&self.shared, e)),
-            Err(_) => Err(Status::unavailable("the node stopped; the outcome is unknown")),
+            Err(_) => Err(Status::unknown("the node stopped; the outcome is unknown")),
         }
     }
 }
@@ -572,7 +597,7 @@ impl Admin for Api {
         match rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(status_of(&self.shared, e)),
-            Err(_) => return Err(Status::unavailable("the node stopped")),
+            Err(_) => return Err(Status::unknown("the node stopped; the outcome is unknown")),
         }
         for _ in 0..200 {
             let leader = self.shared.status.read().leader;
@@ -598,7 +623,7 @@ impl Admin for Api {
                 first_offset: self.shared.wal.first_index().0,
             })),
             Ok(Err(e)) => Err(status_of(&self.shared, e)),
-            Err(_) => Err(Status::unavailable("the node stopped; the outcome is unknown")),
+            Err(_) => Err(Status::unknown("the node stopped; the outcome is unknown")),
         }
     }
 }

@@ -92,6 +92,9 @@ pub struct NodeConfig {
     pub uncommitted_bytes_max: u64,
     /// Appends waiting for commit on this node; beyond it, RESOURCE_EXHAUSTED.
     pub appends_inflight_max: u64,
+    /// Record bytes of the appends waiting for commit on this node; beyond it,
+    /// RESOURCE_EXHAUSTED.
+    pub appends_inflight_bytes_max: u64,
     /// Concurrent Follow streams on this node.
     pub followers_max: u64,
     /// Requests in flight per AppendStream.
@@ -126,9 +129,10 @@ impl NodeConfig {
             request_bytes_max: 16 << 20,
             uncommitted_bytes_max: 64 << 20,
             appends_inflight_max: 65_536,
+            appends_inflight_bytes_max: 256 << 20,
             followers_max: 1024,
             append_stream_window: 64,
-            producers_max: 100_000,
+            producers_max: 20_000,
             segment_bytes: 64 << 20,
         }
     }
@@ -164,6 +168,12 @@ impl NodeConfig {
         }
         if self.record_bytes_max == 0 || self.request_bytes_max < self.record_bytes_max {
             bail!("record_bytes_max must be > 0 and at most request_bytes_max");
+        }
+        if self.record_bytes_max > 8 << 20 {
+            bail!("record_bytes_max must be at most 8 MiB (one record must fit one WAL group)");
+        }
+        if self.appends_inflight_bytes_max < self.request_bytes_max {
+            bail!("appends_inflight_bytes_max must be at least request_bytes_max");
         }
         if self.appends_inflight_max == 0
             || self.followers_max == 0

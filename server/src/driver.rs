@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -95,15 +95,18 @@ pub enum DriverError {
     /// The append was not committed: a leader change replaced it.
     #[error("the append was lost in a leader change; it did not commit")]
     Lost,
-    /// The producer sequence is older than its latest; its offsets are forgotten.
-    #[error("producer sequence {sequence} is older than the latest applied one")]
+    /// The producer sequence is older than the ones remembered; its outcome is unknown.
+    #[error("producer sequence {sequence} is older than the sequences remembered for it")]
     StaleSequence { sequence: u64 },
     /// The request cannot be done.
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// The node is stopping or failed.
+    /// The node is stopping or failed; nothing was proposed.
     #[error("node stopped: {0}")]
     Stopped(String),
+    /// The request may or may not have taken effect.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
 }
 
 /// What the driver publishes for the API, readers and the HTTP port.
@@ -123,6 +126,8 @@ pub struct Shared {
     pub api_addrs: RwLock<BTreeMap<NodeId, String>>,
     /// Appends submitted and not yet answered.
     pub appends_inflight: AtomicU64,
+    /// Their record bytes.
+    pub appends_inflight_bytes: AtomicU64,
     /// Set with a message when the driver stopped on an error.
     pub failure: RwLock<Option<String>>,
 }
@@ -138,24 +143,58 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct DriverHandle {
     tx: SyncSender<Event>,
+    /// Client events queued and not yet taken: at most half the queue, so that client load can
+    /// never leave peer messages (votes, heartbeat answers) without room.
+    client_queued: Arc<AtomicUsize>,
+    client_queued_max: usize,
 }
 
 impl DriverHandle {
-    /// Submits an event without waiting; a full queue is overload.
+    /// Submits a client's event without waiting; a full queue is overload.
     pub fn submit(&self, event: Event) -> Result<(), DriverError> {
-        self.tx.try_send(event).map_err(|e| match e {
-            TrySendError::Full(_) => DriverError::Overloaded("the node's event queue is full"),
-            TrySendError::Disconnected(_) => DriverError::Stopped("the driver has stopped".into()),
+        if self.client_queued.fetch_add(1, Ordering::AcqRel) >= self.client_queued_max {
+            self.client_queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(DriverError::Overloaded("the node's event queue is full"));
+        }
+        self.tx.try_send(event).map_err(|e| {
+            self.client_queued.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                TrySendError::Full(_) => DriverError::Overloaded("the node's event queue is full"),
+                TrySendError::Disconnected(_) => {
+                    DriverError::Stopped("the driver has stopped".into())
+                }
+            }
         })
+    }
+
+    /// Submits a peer message; dropped when the queue is full (Raft resends what matters).
+    pub fn submit_peer(&self, msg: Message) {
+        let _ = self.tx.try_send(Event::Peer(msg));
+    }
+
+    /// Asks the driver to stop (never refused for a full queue: it waits for room).
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Event::Shutdown);
     }
 }
 
 /// Where an index-valued outcome goes.
 type IndexReply = oneshot::Sender<Result<LogIndex, DriverError>>;
 
+/// A membership change proposed once the new node's addresses (at `index`, `term`) apply.
+struct QueuedConf {
+    index: LogIndex,
+    term: raftwal_consensus::Term,
+    change: ConfChange,
+    reply: IndexReply,
+}
+
+/// An append waiting for its batch to apply; retries of the same producer sequence that
+/// arrive meanwhile wait on it too.
 struct Waiter {
     term: raftwal_consensus::Term,
-    reply: oneshot::Sender<Result<AppendOk, DriverError>>,
+    producer: Option<ProducerSeq>,
+    replies: Vec<oneshot::Sender<Result<AppendOk, DriverError>>>,
 }
 
 struct ConfWaiter {
@@ -169,7 +208,7 @@ pub struct DriverParts {
     pub raw: RawNode<WalStore>,
     pub shared: Arc<Shared>,
     pub transport: Transport,
-    pub rx: Receiver<Event>,
+    pub rx: EventQueue,
     pub tick: Duration,
     pub data_dir: PathBuf,
     /// (log start index, membership there) and each later applied membership.
@@ -177,10 +216,40 @@ pub struct DriverParts {
     pub runtime: tokio::runtime::Handle,
 }
 
-/// Creates the event channel.
-pub fn channel(capacity: usize) -> (DriverHandle, Receiver<Event>) {
+/// Creates the event channel: `capacity` events, at most half of them from clients.
+pub fn channel(capacity: usize) -> (DriverHandle, EventQueue) {
     let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
-    (DriverHandle { tx }, rx)
+    let client_queued = Arc::new(AtomicUsize::new(0));
+    let handle =
+        DriverHandle { tx, client_queued: client_queued.clone(), client_queued_max: capacity / 2 };
+    (handle, EventQueue { rx, client_queued })
+}
+
+/// The driver's end of the event channel.
+#[derive(Debug)]
+pub struct EventQueue {
+    rx: Receiver<Event>,
+    client_queued: Arc<AtomicUsize>,
+}
+
+impl EventQueue {
+    fn taken(&self, event: &Event) {
+        if !matches!(event, Event::Peer(_) | Event::Shutdown) {
+            self.client_queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn recv_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
+        let event = self.rx.recv_timeout(timeout)?;
+        self.taken(&event);
+        Ok(event)
+    }
+
+    fn try_recv(&self) -> Option<Event> {
+        let event = self.rx.try_recv().ok()?;
+        self.taken(&event);
+        Some(event)
+    }
 }
 
 struct Driver {
@@ -188,10 +257,15 @@ struct Driver {
     shared: Arc<Shared>,
     transport: Transport,
     waiters: HashMap<LogIndex, Waiter>,
+    /// Producer sequences proposed in this term and not yet applied, by their first index.
+    pending_producers: HashMap<ProducerSeq, LogIndex>,
+    /// The leader's first entry of its term: until it is applied, the producer table may miss
+    /// sequences an earlier leader committed, so producer appends wait.
+    term_start: LogIndex,
     conf_waiters: HashMap<LogIndex, ConfWaiter>,
     trim_waiters: HashMap<LogIndex, ConfWaiter>,
-    /// A conf change waiting for its addresses entry to apply first: (address index, change).
-    queued_conf: Option<(LogIndex, ConfChange, IndexReply)>,
+    /// A conf change waiting for its addresses entry to apply first.
+    queued_conf: Option<QueuedConf>,
     data_dir: PathBuf,
     memberships: Vec<(LogIndex, Membership)>,
     role: Role,
@@ -211,6 +285,8 @@ pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
         shared,
         transport,
         waiters: HashMap::new(),
+        pending_producers: HashMap::new(),
+        term_start: LogIndex(0),
         conf_waiters: HashMap::new(),
         trim_waiters: HashMap::new(),
         queued_conf: None,
@@ -224,15 +300,16 @@ pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
         tracing::error!(error = %e, "the node's driver stopped");
         *d.shared.failure.write() = Some(e.clone());
     }
-    d.fail_all(&DriverError::Stopped(
-        result.as_ref().err().cloned().unwrap_or_else(|| "shutdown".into()),
-    ));
+    let why = result.as_ref().err().cloned().unwrap_or_else(|| "shutdown".into());
+    d.fail_all(&DriverError::Unknown(format!(
+        "the node stopped ({why}) before the outcome was known"
+    )));
     // The transport goes back to the caller, which closes it from async context.
     (result, d.transport)
 }
 
 impl Driver {
-    fn run_loop(&mut self, rx: &Receiver<Event>, tick: Duration) -> Result<(), String> {
+    fn run_loop(&mut self, rx: &EventQueue, tick: Duration) -> Result<(), String> {
         let mut next_tick = Instant::now() + tick;
         self.drain_readies()?;
         self.publish_status();
@@ -253,12 +330,12 @@ impl Driver {
                         }
                         for _ in 0..EVENTS_PER_ROUND_MAX {
                             match rx.try_recv() {
-                                Ok(event) => {
+                                Some(event) => {
                                     if !self.handle(event)? {
                                         return Ok(());
                                     }
                                 }
-                                Err(_) => break,
+                                None => break,
                             }
                         }
                     }
@@ -283,13 +360,16 @@ impl Driver {
             }
             Event::Append(req) => self.append(req)?,
             Event::ConfChange { change, addresses, reply } => {
-                self.conf_change(change, addresses, reply)
+                self.conf_change(change, addresses, reply)?
             }
             Event::Transfer { to, reply } => {
-                let r = self.raw.transfer_leader(to).map_err(|e| self.map_err(e));
+                let r = match self.raw.transfer_leader(to) {
+                    Err(RaftError::Store(e)) => return Err(format!("log store: {e}")),
+                    r => r.map_err(|e| self.map_err(e)),
+                };
                 let _ = reply.send(r);
             }
-            Event::Trim { before, reply } => self.trim(before, reply),
+            Event::Trim { before, reply } => self.trim(before, reply)?,
             Event::Shutdown => return Ok(false),
         }
         Ok(true)
@@ -317,11 +397,32 @@ impl Driver {
             let _ = reply.send(Err(DriverError::NotLeader { leader: self.raw.leader() }));
             return Ok(());
         }
-        if let Some(p) = producer
-            && let Some((first, last)) = self.shared.state.read().producer_offsets(p)
-        {
-            let _ = reply.send(Ok(AppendOk { first, last, duplicate: true }));
-            return Ok(());
+        if let Some(p) = producer {
+            // Deduplication happens here, before anything is proposed, so a repeat never
+            // reaches the log (the log, not this table, decides what readers see).
+            let state = self.shared.state.read();
+            if state.applied() < self.term_start {
+                let _ = reply.send(Err(DriverError::Overloaded(
+                    "a new leader is applying its log; retry shortly",
+                )));
+                return Ok(());
+            }
+            if let Some((first, last)) = state.producer_offsets(p) {
+                let _ = reply.send(Ok(AppendOk { first, last, duplicate: true }));
+                return Ok(());
+            }
+            if state.producer_is_stale(p) {
+                let _ = reply.send(Err(DriverError::StaleSequence { sequence: p.sequence }));
+                return Ok(());
+            }
+            drop(state);
+            if let Some(first) = self.pending_producers.get(&p)
+                && let Some(w) = self.waiters.get_mut(first)
+            {
+                // A retry while the original is in flight: one proposal, both answered.
+                w.replies.push(reply);
+                return Ok(());
+            }
         }
         let next = self.raw.last_index().next();
         if let Some(expected) = expected_next
@@ -332,10 +433,13 @@ impl Driver {
         }
         match self.raw.propose(envelope::encode_batch(&records, producer)) {
             Ok(range) => {
-                let term = self.raw.term();
+                let first = *range.start();
                 // An older waiter at this index belongs to an entry this leader's log replaced.
-                if let Some(old) = self.waiters.insert(*range.start(), Waiter { term, reply }) {
-                    let _ = old.reply.send(Err(DriverError::Lost));
+                self.finish(first, &Err(DriverError::Lost));
+                let term = self.raw.term();
+                self.waiters.insert(first, Waiter { term, producer, replies: vec![reply] });
+                if let Some(p) = producer {
+                    self.pending_producers.insert(p, first);
                 }
             }
             Err(RaftError::Store(e)) => return Err(format!("log store: {e}")),
@@ -346,69 +450,95 @@ impl Driver {
         Ok(())
     }
 
+    /// Answers every caller waiting on the batch at `first`.
+    fn finish(&mut self, first: LogIndex, result: &Result<AppendOk, DriverError>) {
+        if let Some(w) = self.waiters.remove(&first) {
+            if let Some(p) = w.producer
+                && self.pending_producers.get(&p) == Some(&first)
+            {
+                self.pending_producers.remove(&p);
+            }
+            for reply in w.replies {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+
     fn conf_change(
         &mut self,
         change: ConfChange,
         addresses: Option<Addresses>,
-        reply: oneshot::Sender<Result<LogIndex, DriverError>>,
-    ) {
+        reply: IndexReply,
+    ) -> Result<(), String> {
         if self.role != Role::Leader {
             let _ = reply.send(Err(DriverError::NotLeader { leader: self.raw.leader() }));
-            return;
+            return Ok(());
         }
         if self.queued_conf.is_some() {
             let _ =
                 reply.send(Err(DriverError::Overloaded("another membership change is pending")));
-            return;
+            return Ok(());
+        }
+        let current = self.memberships.last().map(|(_, m)| m.clone()).unwrap_or_default();
+        if let Err(why) = current.apply(&change) {
+            let _ =
+                reply.send(Err(DriverError::Invalid(format!("membership change refused: {why}"))));
+            return Ok(());
         }
         match addresses {
             Some(a) => match self.raw.propose(vec![envelope::encode_address(&a)]) {
-                Ok(range) => self.queued_conf = Some((*range.start(), change, reply)),
+                Ok(range) => {
+                    let term = self.raw.term();
+                    self.queued_conf =
+                        Some(QueuedConf { index: *range.start(), term, change, reply });
+                }
+                Err(RaftError::Store(e)) => return Err(format!("log store: {e}")),
                 Err(e) => {
                     let _ = reply.send(Err(self.map_err(e)));
                 }
             },
-            None => self.propose_conf(change, reply),
+            None => self.propose_conf(change, reply)?,
         }
+        Ok(())
     }
 
-    fn propose_conf(
-        &mut self,
-        change: ConfChange,
-        reply: oneshot::Sender<Result<LogIndex, DriverError>>,
-    ) {
+    fn propose_conf(&mut self, change: ConfChange, reply: IndexReply) -> Result<(), String> {
         match self.raw.propose_conf_change(&change) {
             Ok(index) => {
                 let term = self.raw.term();
                 self.conf_waiters.insert(index, ConfWaiter { term, reply });
             }
+            Err(RaftError::Store(e)) => return Err(format!("log store: {e}")),
             Err(e) => {
                 let _ = reply.send(Err(self.map_err(e)));
             }
         }
+        Ok(())
     }
 
-    fn trim(&mut self, before: LogIndex, reply: oneshot::Sender<Result<LogIndex, DriverError>>) {
+    fn trim(&mut self, before: LogIndex, reply: IndexReply) -> Result<(), String> {
         if self.role != Role::Leader {
             let _ = reply.send(Err(DriverError::NotLeader { leader: self.raw.leader() }));
-            return;
+            return Ok(());
         }
         let readable = *self.shared.readable.borrow();
         if before > readable.next() {
             let _ = reply.send(Err(DriverError::Invalid(format!(
                 "cannot trim below {before}: only offsets up to {readable} are committed"
             ))));
-            return;
+            return Ok(());
         }
         match self.raw.propose(vec![envelope::encode_trim(before)]) {
             Ok(range) => {
                 let term = self.raw.term();
                 self.trim_waiters.insert(*range.start(), ConfWaiter { term, reply });
             }
+            Err(RaftError::Store(e)) => return Err(format!("log store: {e}")),
             Err(e) => {
                 let _ = reply.send(Err(self.map_err(e)));
             }
         }
+        Ok(())
     }
 
     fn drain_readies(&mut self) -> Result<(), String> {
@@ -437,6 +567,10 @@ impl Driver {
                     0.0
                 });
             }
+            if soft.role == Role::Leader && self.role != Role::Leader {
+                // Its empty entry of the new term is the last one in the log now.
+                self.term_start = self.raw.last_index();
+            }
             self.role = soft.role;
             self.leader = soft.leader;
             self.publish_status();
@@ -455,9 +589,11 @@ impl Driver {
             state.restart(start.first_index.prev());
             let readable = state.readable();
             drop(state);
-            for (_, w) in self.waiters.drain() {
-                let _ = w.reply.send(Err(DriverError::Lost));
-            }
+            // Entries below the new start committed on the leader; any of them may be ours.
+            self.fail_all(&DriverError::Unknown(
+                "this node's log restarted at the leader's start; the request may have committed"
+                    .into(),
+            ));
             self.shared.readable.send_replace(readable);
             tracing::info!(first = %start.first_index, "log restarted at the leader's log start");
         }
@@ -465,14 +601,7 @@ impl Driver {
             if first.index <= wal.last_index() {
                 wal.truncate_suffix(first.index).map_err(|e| format!("wal truncate: {e}"))?;
             }
-            let payloads: Vec<Vec<u8>> = rd.entries.iter().map(store::wal_payload).collect();
-            let entries: Vec<WalEntry<'_>> = rd
-                .entries
-                .iter()
-                .zip(&payloads)
-                .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
-                .collect();
-            wal.append(&entries).map_err(|e| format!("wal append: {e}"))?;
+            write_entries(&wal, &rd.entries)?;
         }
         if let Some(hs) = rd.hard_state {
             wal.save_hard_state(hs).map_err(|e| format!("wal hard state: {e}"))?;
@@ -483,12 +612,9 @@ impl Driver {
             let shared = self.shared.clone();
             let mut state = shared.state.write();
             for e in &rd.committed_entries {
-                if let Some(w) = self.waiters.remove(&e.index) {
-                    if w.term != e.term {
-                        let _ = w.reply.send(Err(DriverError::Lost));
-                    } else {
-                        self.waiters.insert(e.index, w);
-                    }
+                if self.waiters.get(&e.index).is_some_and(|w| w.term != e.term) {
+                    // Another term's entry took the index this append was proposed at.
+                    self.finish(e.index, &Err(DriverError::Lost));
                 }
                 if let Some(w) = self.conf_waiters.remove(&e.index) {
                     let _ = w.reply.send(if w.term == e.term {
@@ -497,16 +623,24 @@ impl Driver {
                         Err(DriverError::Lost)
                     });
                 }
-                if let Some((at, _, _)) = &self.queued_conf
-                    && *at == e.index
-                {
-                    let (_, change, reply) = self.queued_conf.take().expect("checked");
-                    if e.kind == EntryKind::Normal {
+                if self.queued_conf.as_ref().is_some_and(|q| q.index == e.index) {
+                    let q = self.queued_conf.take().expect("checked");
+                    if q.term == e.term {
                         drop(state);
-                        self.propose_conf(change, reply);
+                        self.propose_conf(q.change, q.reply)?;
                         state = shared.state.write();
                     } else {
-                        let _ = reply.send(Err(DriverError::Lost));
+                        let _ = q.reply.send(Err(DriverError::Lost));
+                    }
+                }
+                if e.kind == EntryKind::ConfChange
+                    && let Some(change) = ConfChange::decode(&e.data)
+                {
+                    // The same rule consensus applies: an invalid change is ignored by everyone.
+                    let current =
+                        self.memberships.last().map(|(_, m)| m.clone()).unwrap_or_default();
+                    if let Ok(next) = current.apply(&change) {
+                        self.memberships.push((e.index, next));
                     }
                 }
                 let applied = state.apply(e.index, e.kind, &e.data);
@@ -525,8 +659,7 @@ impl Driver {
                 .increment(rd.committed_entries.len() as u64);
         }
         if let Some(m) = rd.membership {
-            let applied = self.shared.state.read().applied();
-            self.apply_membership(applied, m);
+            self.apply_membership(m);
         }
         // Published last, so that whoever wakes on it also sees the membership it implies.
         if !rd.committed_entries.is_empty() {
@@ -545,24 +678,9 @@ impl Driver {
         match applied {
             Applied::Nothing => {}
             Applied::Batch { first, last } => {
-                if let Some(w) = self.waiters.remove(&first) {
-                    let _ = w.reply.send(Ok(AppendOk { first, last, duplicate: false }));
-                }
+                self.finish(first, &Ok(AppendOk { first, last, duplicate: false }));
             }
-            Applied::Duplicate { first, original } => {
-                if let Some(w) = self.waiters.remove(&first) {
-                    let r = match original {
-                        Some((first, last)) => Ok(AppendOk { first, last, duplicate: true }),
-                        None => Err(DriverError::StaleSequence { sequence: 0 }),
-                    };
-                    let _ = w.reply.send(r);
-                }
-            }
-            Applied::Broken { first } => {
-                if let Some(w) = self.waiters.remove(&first) {
-                    let _ = w.reply.send(Err(DriverError::Lost));
-                }
-            }
+            Applied::Broken { first } => self.finish(first, &Err(DriverError::Lost)),
             Applied::Address(a) => {
                 self.shared.api_addrs.write().insert(a.id, a.api.clone());
                 if a.id != self.shared.id {
@@ -572,6 +690,12 @@ impl Driver {
             Applied::Trim { before } => {
                 // Never past what is settled: a reader must not lose entries it may still read.
                 let before = before.min(state.readable().next()).min(wal.last_index().next());
+                // Never inside a batch: a node that restarts from the new start must decide
+                // about every batch exactly as the others did (same on every node: the log).
+                let before = batch_head(wal, before)?;
+                if self.role == Role::Leader {
+                    self.replicate_addresses(state)?;
+                }
                 if before > wal.first_index() {
                     let membership = self.membership_at(before.prev());
                     let new = self.start_record(before, membership.clone(), state);
@@ -635,13 +759,20 @@ impl Driver {
             .unwrap_or_else(|| self.memberships.first().map(|(_, m)| m.clone()).unwrap_or_default())
     }
 
-    fn apply_membership(&mut self, applied: LogIndex, m: Membership) {
+    /// Consensus applied a membership: reach its members, show it in the status. (The history
+    /// by index is kept entry by entry while applying.)
+    fn apply_membership(&mut self, m: Membership) {
         let members = m.members();
-        self.memberships.push((applied, m));
-        // Keep the history bounded: only entries at or after the log start matter.
+        debug_assert_eq!(
+            self.memberships.last().map(|(_, h)| h),
+            Some(&m),
+            "history follows consensus"
+        );
+        // Keep the history bounded: only the membership in effect at the log start and later.
         let first = self.raw.store().wal().first_index().prev();
-        if self.memberships.len() > 64 {
-            let keep_from = self.memberships.iter().rposition(|(i, _)| *i <= first).unwrap_or(0);
+        if let Some(keep_from) = self.memberships.iter().rposition(|(i, _)| *i <= first)
+            && keep_from > 0
+        {
             self.memberships.drain(..keep_from);
         }
         let addrs = self.shared.state.read().addresses().clone();
@@ -679,24 +810,123 @@ impl Driver {
     }
 
     fn fail_all(&mut self, e: &DriverError) {
-        for (_, w) in self.waiters.drain() {
-            let _ = w.reply.send(Err(e.clone()));
+        let firsts: Vec<LogIndex> = self.waiters.keys().copied().collect();
+        for first in firsts {
+            self.finish(first, &Err(e.clone()));
         }
         for (_, w) in self.conf_waiters.drain().chain(self.trim_waiters.drain()) {
             let _ = w.reply.send(Err(e.clone()));
         }
-        if let Some((_, _, reply)) = self.queued_conf.take() {
-            let _ = reply.send(Err(e.clone()));
+        if let Some(q) = self.queued_conf.take() {
+            let _ = q.reply.send(Err(e.clone()));
+        }
+    }
+
+    /// After a trim, the leader replicates every member's addresses again, so that they stay in
+    /// the retained log for nodes that restart from it or from a log restart.
+    fn replicate_addresses(&mut self, state: &LogState) -> Result<(), String> {
+        let members = self.memberships.last().map(|(_, m)| m.members()).unwrap_or_default();
+        let entries: Vec<Bytes> = state
+            .addresses()
+            .values()
+            .filter(|a| members.contains(&a.id))
+            .map(envelope::encode_address)
+            .collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        match self.raw.propose(entries) {
+            Ok(_) => Ok(()),
+            Err(RaftError::Store(e)) => Err(format!("log store: {e}")),
+            // Not leader any more, or over a limit: the next trim tries again.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not replicate addresses after a trim");
+                Ok(())
+            }
         }
     }
 }
 
-/// Counts an append in flight for as long as it lives.
+/// Writes `entries` durably, in as many WAL calls as its group limits need (a Ready may carry
+/// more entries or bytes than one WAL group takes: many clients' batches, or a follower's
+/// catch-up). Each call returns once durable; the driver is the WAL's only writer.
+fn write_entries(wal: &Wal, entries: &[raftwal_consensus::Entry]) -> Result<(), String> {
+    let opts = wal.options();
+    let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
+    let all: Vec<WalEntry<'_>> = entries
+        .iter()
+        .zip(&payloads)
+        .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
+        .collect();
+    let mut start = 0;
+    while start < all.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < all.len() && ((end - start) as u64) < opts.group_entries_max {
+            let b = raftwal_wal::frame_bytes(all[end].payload.len() as u64);
+            if end > start && bytes + b > opts.group_bytes_max {
+                break;
+            }
+            bytes += b;
+            end += 1;
+        }
+        wal.append(&all[start..end]).map_err(|e| format!("wal append: {e}"))?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// The first index of the batch that holds `index`, or `index` itself when it starts a batch,
+/// is a lone record or an internal entry. Batches have at most
+/// [`envelope::BATCH_RECORDS_MAX`] records, which bounds the look back.
+fn batch_head(wal: &Wal, index: LogIndex) -> Result<LogIndex, String> {
+    let from =
+        LogIndex(index.0.saturating_sub(envelope::BATCH_RECORDS_MAX).max(wal.first_index().0));
+    if from >= index || index > wal.last_index() {
+        return Ok(index);
+    }
+    let mut head = index;
+    let mut next = from;
+    while next < index {
+        let page = wal.read(next..index, 64 << 20).map_err(|e| format!("wal read: {e}"))?;
+        for rec in page {
+            next = rec.index().next();
+            let entry = store::entry_of(rec).map_err(|e| format!("wal read: {e}"))?;
+            if entry.kind != EntryKind::Normal {
+                head = index;
+                continue;
+            }
+            if let Ok(envelope::Payload::BatchHead { count, .. }) = envelope::decode(&entry.data)
+                && entry.index.0 + u64::from(count) > index.0
+            {
+                head = entry.index;
+            } else if !matches!(envelope::decode(&entry.data), Ok(envelope::Payload::Record(_))) {
+                head = index;
+            }
+        }
+    }
+    Ok(head)
+}
+
+/// Counts an append (and its bytes) in flight for as long as it lives.
 #[derive(Debug)]
-pub struct InflightGuard(pub Arc<Shared>);
+pub struct InflightGuard {
+    shared: Arc<Shared>,
+    bytes: u64,
+}
+
+impl InflightGuard {
+    /// Counts one append of `bytes`; returns the counts before it (appends, bytes).
+    pub fn new(shared: Arc<Shared>, bytes: u64) -> (InflightGuard, u64, u64) {
+        let appends = shared.appends_inflight.fetch_add(1, Ordering::Relaxed);
+        let before = shared.appends_inflight_bytes.fetch_add(bytes, Ordering::Relaxed);
+        (InflightGuard { shared, bytes }, appends, before)
+    }
+}
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.appends_inflight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.appends_inflight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.appends_inflight_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }

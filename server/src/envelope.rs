@@ -20,6 +20,8 @@ const KIND_RECORD: u8 = 0;
 const KIND_BATCH_HEAD: u8 = 1;
 const KIND_ADDRESS: u8 = 2;
 const KIND_TRIM: u8 = 3;
+/// The most records one append (one batch) may hold.
+pub const BATCH_RECORDS_MAX: u64 = 10_000;
 const BATCH_HEAD_BYTES: usize = 1 + 8 + 8 + 4 + 1;
 const FLAG_PRODUCER: u8 = 1;
 

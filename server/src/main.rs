@@ -169,7 +169,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let resolved = args.resolve()?;
             raftwal_server::http::prometheus();
             let node = Node::start(resolved.config).await?;
-            wait_for_signal().await?;
+            tokio::select! {
+                r = wait_for_signal() => r?,
+                why = node.failed() => {
+                    let _ = node.shutdown().await;
+                    anyhow::bail!("the node failed and stopped: {why}");
+                }
+            }
             tracing::info!("stopping");
             node.shutdown().await
         }

@@ -15,7 +15,7 @@ use raftwal_wal::{Entry as WalEntry, Options as WalOptions, Wal};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use crate::driver::{self, DriverHandle, DriverParts, Event, Shared};
+use crate::driver::{self, DriverHandle, DriverParts, Shared};
 use crate::state::LogState;
 use crate::store::{self, WalStore};
 use crate::{api, http};
@@ -136,6 +136,7 @@ impl Node {
             status: RwLock::new(raw.status()),
             api_addrs: RwLock::new(BTreeMap::new()),
             appends_inflight: AtomicU64::new(0),
+            appends_inflight_bytes: AtomicU64::new(0),
             failure: RwLock::new(None),
         });
         let (driver, rx) = driver::channel(DRIVER_QUEUE_EVENTS_MAX);
@@ -159,8 +160,7 @@ impl Node {
         let forward = driver.clone();
         let inbox_task = tokio::spawn(async move {
             while let Some(msg) = inbox.recv().await {
-                // A full driver queue drops the message; Raft retries what matters.
-                let _ = forward.submit(Event::Peer(msg));
+                forward.submit_peer(msg);
             }
         });
         let parts = DriverParts {
@@ -195,11 +195,25 @@ impl Node {
         })
     }
 
+    /// Resolves when the driver stopped on an error (a failed fsync, a broken log); the
+    /// message says why. The process should then exit: a node that cannot write must not go
+    /// on serving.
+    pub async fn failed(&self) -> String {
+        loop {
+            if let Some(e) = self.shared.failure.read().clone() {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops the servers and the driver, and waits for them; the WAL closes with the last
     /// reference.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        let _ = self.driver.submit(Event::Shutdown);
+        let driver = self.driver.clone();
+        // Waits for room in a full queue, so off the async workers.
+        let _ = tokio::task::spawn_blocking(move || driver.shutdown()).await;
         let thread = self.driver_thread.take();
         let joined = tokio::task::spawn_blocking(move || thread.map(|t| t.join())).await?;
         for task in self.servers.drain(..) {

@@ -5,10 +5,14 @@
 //!
 //! Batches: the records of one append take consecutive indexes and are applied as one. A batch
 //! whose records do not all reach the log (a leader change cut it short: another entry took the
-//! place of a later record) is broken: its records are never served. A batch whose producer
-//! sequence was already applied is a duplicate: it is never served either, and the append that
-//! proposed it is answered with the original offsets. Until a batch is complete, readers see the
-//! log only up to the entry before it (`readable`).
+//! place of a later record) is broken: its records are never served. Until a batch is complete,
+//! readers see the log only up to the entry before it (`readable`).
+//!
+//! Whether an entry is served depends only on the entries around it in the log, never on
+//! history a trim removed, so a node that restarts from a trimmed log (or restarts its log at
+//! a leader's start) serves exactly what the others serve. Trims never cut a batch
+//! (`batch_head`). Deduplication is the leader's: it answers a repeated producer sequence from
+//! this table (built from the log) and only then proposes; see `driver.rs`.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -24,10 +28,6 @@ pub enum Applied {
     Nothing,
     /// The batch `first..=last` is in the log.
     Batch { first: LogIndex, last: LogIndex },
-    /// The batch starting at `first` repeats an applied producer sequence; it is not served.
-    /// `original` holds the first application's offsets when the sequence is among the
-    /// producer's last [`PRODUCER_SEQUENCES_MAX`] (older ones are forgotten).
-    Duplicate { first: LogIndex, original: Option<(LogIndex, LogIndex)> },
     /// The batch starting at `first` was cut short by a leader change; it is not served.
     Broken { first: LogIndex },
     /// A node's addresses.
@@ -45,7 +45,7 @@ struct OpenBatch {
 
 /// Applied sequences remembered per producer, so that a pipelined producer that resends its
 /// whole window after a failure gets the original offsets of every append that had committed.
-pub const PRODUCER_SEQUENCES_MAX: usize = 256;
+pub const PRODUCER_SEQUENCES_MAX: usize = 64;
 
 #[derive(Clone, Debug)]
 struct ProducerState {
@@ -66,6 +66,8 @@ impl ProducerState {
 /// The state machine of the log. See the module docs.
 #[derive(Debug)]
 pub struct LogState {
+    /// The first index this state covers: entries below it were trimmed (or never held).
+    start: LogIndex,
     applied: LogIndex,
     open: Option<OpenBatch>,
     /// Ranges (first -> last, inclusive) of record entries never served: broken batches,
@@ -82,6 +84,7 @@ impl LogState {
     /// An empty state for a log whose entries before `start` are gone (or never existed).
     pub fn new(applied: LogIndex, producers_max: usize) -> LogState {
         LogState {
+            start: applied.next(),
             applied,
             open: None,
             hidden: BTreeMap::new(),
@@ -135,9 +138,22 @@ impl LogState {
         self.producers.get(&p.id)?.offsets(p.sequence)
     }
 
-    /// Forgets hidden ranges below `before` (the log below it is gone).
+    /// Whether `p` is older than every remembered sequence of its producer (its outcome, if
+    /// it ever committed, is forgotten).
+    pub fn producer_is_stale(&self, p: ProducerSeq) -> bool {
+        self.producers.get(&p.id).is_some_and(|s| p.sequence < s.recent.front().map_or(0, |r| r.0))
+    }
+
+    /// Forgets hidden ranges below `before` (the log below it is gone). Trims never cut a
+    /// batch, so no hidden range straddles `before`.
     pub fn trimmed(&mut self, before: LogIndex) {
         self.hidden = self.hidden.split_off(&before);
+        self.start = self.start.max(before);
+    }
+
+    /// The first index readers may ask for (they are told it when they ask below it).
+    pub fn start(&self) -> LogIndex {
+        self.start
     }
 
     /// Applies the entry at `index`, the one after `applied`.
@@ -217,9 +233,8 @@ impl LogState {
             Some(s) => {
                 let (latest, _, latest_last) = s.latest();
                 if p.sequence <= latest {
-                    let original = s.offsets(p.sequence);
-                    self.hide(batch.first, batch.last);
-                    return Applied::Duplicate { first: batch.first, original };
+                    // A repeat the leader could not see (it is the log's word now: served).
+                    return Applied::Batch { first: batch.first, last: batch.last };
                 }
                 s.recent.push_back((p.sequence, batch.first, batch.last));
                 if s.recent.len() > PRODUCER_SEQUENCES_MAX {
@@ -295,30 +310,21 @@ mod tests {
     }
 
     #[test]
-    fn a_repeated_producer_sequence_is_a_hidden_duplicate_with_the_original_offsets() {
+    fn producer_sequences_map_to_their_offsets_and_repeats_change_nothing() {
         let mut s = LogState::new(LogIndex(0), 16);
-        let p = Some(ProducerSeq { id: 9, sequence: 1 });
-        apply_all(&mut s, &encode_batch(&recs(2), p));
-        let again = apply_all(&mut s, &encode_batch(&recs(2), p));
-        assert_eq!(
-            again[1],
-            Applied::Duplicate { first: LogIndex(3), original: Some((LogIndex(1), LogIndex(2))) }
-        );
-        assert!(s.is_hidden(LogIndex(3)) && s.is_hidden(LogIndex(4)));
-        let next =
-            apply_all(&mut s, &encode_batch(&recs(1), Some(ProducerSeq { id: 9, sequence: 2 })));
-        assert_eq!(next[0], Applied::Batch { first: LogIndex(5), last: LogIndex(5) });
-        let old = apply_all(&mut s, &encode_batch(&recs(1), p));
-        assert_eq!(
-            old[0],
-            Applied::Duplicate { first: LogIndex(6), original: Some((LogIndex(1), LogIndex(2))) }
-        );
-        for sequence in 3..3 + PRODUCER_SEQUENCES_MAX as u64 {
+        let p = ProducerSeq { id: 9, sequence: 1 };
+        apply_all(&mut s, &encode_batch(&recs(2), Some(p)));
+        assert_eq!(s.producer_offsets(p), Some((LogIndex(1), LogIndex(2))));
+        // A repeat that reached the log anyway is served; the original offsets stay.
+        let again = apply_all(&mut s, &encode_batch(&recs(2), Some(p)));
+        assert_eq!(again[1], Applied::Batch { first: LogIndex(3), last: LogIndex(4) });
+        assert!(!s.is_hidden(LogIndex(3)));
+        assert_eq!(s.producer_offsets(p), Some((LogIndex(1), LogIndex(2))));
+        for sequence in 2..2 + PRODUCER_SEQUENCES_MAX as u64 {
             apply_all(&mut s, &encode_batch(&recs(1), Some(ProducerSeq { id: 9, sequence })));
         }
-        let next = s.applied().next();
-        let forgotten = apply_all(&mut s, &encode_batch(&recs(1), p));
-        assert_eq!(forgotten[0], Applied::Duplicate { first: next, original: None });
+        assert_eq!(s.producer_offsets(p), None, "only the last sequences are remembered");
+        assert!(s.producer_offsets(ProducerSeq { id: 9, sequence: 2 }).is_some());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A cluster of real nodes in one process: real QUIC with real certificates, real WAL files in
-//! a temp dir, clients over gRPC on 127.0.0.1. Ports are found by binding port 0 and releasing
-//! it (peers must know each other's addresses before they start).
+//! a temp dir, clients over gRPC on 127.0.0.1. Client ports are bound as port 0 and recorded
+//! once bound (a restarted node reuses its port); peer ports are found by binding port 0 and
+//! releasing it, since peers must know each other's addresses before they start.
 
 #![allow(dead_code)]
 
@@ -22,11 +23,6 @@ pub struct Cluster {
 
 pub fn free_udp() -> SocketAddr {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    s.local_addr().expect("addr")
-}
-
-pub fn free_tcp() -> SocketAddr {
-    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
     s.local_addr().expect("addr")
 }
 
@@ -67,19 +63,20 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs_dir = dir.path().join("certs");
         certs(&certs_dir, n + spare);
-        let addrs: BTreeMap<u64, (SocketAddr, SocketAddr)> =
-            (1..=n + spare).map(|id| (id, (free_udp(), free_tcp()))).collect();
+        let addrs: BTreeMap<u64, SocketAddr> = (1..=n + spare).map(|id| (id, free_udp())).collect();
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut configs = BTreeMap::new();
         for id in 1..=n + spare {
             let mut c = NodeConfig::defaults();
             c.id = id;
             c.data_dir = dir.path().join(format!("node-{id}"));
-            c.peer_listen = addrs[&id].0;
-            c.api_listen = addrs[&id].1;
+            c.peer_listen = addrs[&id];
+            c.api_listen = any;
             c.http_listen = "127.0.0.1:0".parse().expect("addr");
             c.peers = (1..=n)
                 .filter(|&p| p != id)
-                .map(|p| format!("{p}@{}@{}", addrs[&p].0, addrs[&p].1))
+                // Client addresses are not known yet; `start_node` tells every node once bound.
+                .map(|p| format!("{p}@{}@{any}", addrs[&p]))
                 .collect();
             c.join = id > n;
             c.tls_ca = certs_dir.join("ca.pem");
@@ -104,7 +101,22 @@ impl Cluster {
 
     pub async fn start_node(&mut self, id: u64) {
         let node = Node::start(self.configs[&id].clone()).await.expect("start node");
+        let cfg = self.configs.get_mut(&id).expect("config");
+        cfg.api_listen = node.api_addr;
         self.nodes.insert(id, node);
+        // Every running node learns every bound client address (for not-leader hints).
+        let known: Vec<(u64, SocketAddr)> = self
+            .configs
+            .iter()
+            .filter(|(_, c)| c.api_listen.port() != 0)
+            .map(|(&i, c)| (i, c.api_listen))
+            .collect();
+        for node in self.nodes.values() {
+            let mut addrs = node.shared.api_addrs.write();
+            for (i, a) in &known {
+                addrs.insert(NodeId(*i), a.to_string());
+            }
+        }
     }
 
     /// Stops a node (its files stay).
@@ -117,7 +129,7 @@ impl Cluster {
         format!("http://{}", self.configs[&id].api_listen)
     }
 
-    /// A client that knows every node (running or not).
+    /// A client that knows every node that has run.
     pub async fn client(&self) -> Client {
         let endpoints: Vec<String> = self
             .configs
