@@ -930,3 +930,34 @@ impl Drop for InflightGuard {
         self.shared.appends_inflight_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftwal_consensus::{Entry, Term};
+
+    #[test]
+    fn a_ready_larger_than_one_wal_group_is_written_in_several() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = raftwal_wal::Options {
+            group_entries_max: 4,
+            group_bytes_max: 4096,
+            record_bytes_max: 3072,
+            ..Default::default()
+        };
+        let wal = Wal::open(dir.path(), opts).expect("open");
+        let entries: Vec<Entry> = (1..=25u64)
+            .map(|i| Entry {
+                term: Term(1),
+                index: LogIndex(i),
+                kind: EntryKind::Normal,
+                data: Bytes::from(vec![i as u8; if i == 7 { 3000 } else { 100 }]),
+            })
+            .collect();
+        write_entries(&wal, &entries).expect("written");
+        assert_eq!(wal.last_index(), LogIndex(25));
+        assert!(wal.stats().groups >= 7, "{} groups", wal.stats().groups);
+        let back = wal.entry(LogIndex(7)).expect("entry");
+        assert_eq!(back.payload().len(), 3001, "the kind byte and the data");
+    }
+}

@@ -323,3 +323,37 @@ async fn a_node_whose_wal_is_corrupt_refuses_to_start_and_changes_nothing() {
     client.append(["still"]).await.expect("a quorum remains");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wide_and_large_appends_commit() {
+    let c = Cluster::start(3, 0).await;
+    c.leader().await;
+    let client = Arc::new(c.client().await);
+    // The most records one append may hold, all empty: more entries than one WAL group takes
+    // on some configurations, and certainly more than one App message.
+    let wide = client.append(vec![Vec::<u8>::new(); 10_000]).await.expect("a 10,000-record append");
+    assert_eq!(wide.last_offset.0 - wide.first_offset.0, 9_999);
+    match client.append(vec![Vec::<u8>::new(); 10_001]).await {
+        Err(ClientError::InvalidArgument { message }) => {
+            assert!(message.contains("10000"), "{message}")
+        }
+        other => panic!("expected a record-count error, got {other:?}"),
+    }
+    // Twenty concurrent 1 MiB appends: one Ready of more than one WAL group's bytes.
+    let mut tasks = Vec::new();
+    for i in 0..20u8 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move { client.append([vec![i; 1 << 20]]).await }));
+    }
+    let mut offsets = Vec::new();
+    for t in tasks {
+        offsets.push(t.await.expect("task").expect("a 1 MiB append").first_offset.0);
+    }
+    let last = *offsets.iter().max().expect("offsets");
+    for id in 1..=3 {
+        c.wait_applied(id, last).await;
+    }
+    let batch = client.read(Offset(last), 1, 0).await.expect("read");
+    assert_eq!(batch.records[0].data.len(), 1 << 20);
+    c.shutdown().await;
+}
