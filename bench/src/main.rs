@@ -8,7 +8,9 @@
 
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod fsync;
+mod load;
 mod transport;
 mod wal;
 
@@ -29,6 +31,12 @@ enum Mode {
     Fsync(fsync::Args),
     /// Append messages between two transports on loopback; compare with a plain quinn stream.
     Transport(transport::Args),
+    /// Appends to a cluster: closed loop (clients x depth) or open loop (--rate).
+    Append(load::Args),
+    /// Appends plus Follow streams: consumer throughput and append-to-delivery latency.
+    Follow(load::Args),
+    /// Appends, followers and reads at once.
+    Mixed(load::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +44,14 @@ fn main() -> anyhow::Result<()> {
         Mode::Wal(args) => wal::run(&args),
         Mode::Fsync(args) => fsync::run(&args),
         Mode::Transport(args) => transport::run(&args),
+        Mode::Append(args) => run_load(load::Mode::Append, &args),
+        Mode::Follow(args) => run_load(load::Mode::Follow, &args),
+        Mode::Mixed(args) => run_load(load::Mode::Mixed, &args),
     }
+}
+
+fn run_load(mode: load::Mode, args: &load::Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(load::run(mode, args))?;
+    load::print(&report, args.json)
 }

@@ -103,6 +103,9 @@ pub struct NodeConfig {
     pub producers_max: u64,
     /// WAL segment size.
     pub segment_bytes: u64,
+    /// `sync` (fdatasync before acknowledging; the default) or `unsafe-no-sync` (no fsync: a
+    /// power loss on a quorum loses acknowledged appends; for benchmarks that say so).
+    pub durability: String,
 }
 
 impl NodeConfig {
@@ -134,12 +137,22 @@ impl NodeConfig {
             append_stream_window: 64,
             producers_max: 20_000,
             segment_bytes: 64 << 20,
+            durability: "sync".to_string(),
         }
     }
 
     /// The founding members other than this node.
     pub fn parsed_peers(&self) -> anyhow::Result<Vec<Peer>> {
         self.peers.iter().map(|p| p.parse()).collect()
+    }
+
+    /// The WAL durability mode.
+    pub fn wal_durability(&self) -> anyhow::Result<raftwal_wal::Durability> {
+        match self.durability.as_str() {
+            "sync" => Ok(raftwal_wal::Durability::Sync),
+            "unsafe-no-sync" => Ok(raftwal_wal::Durability::UnsafeNoSync),
+            other => bail!("durability: {other:?} is not \"sync\" or \"unsafe-no-sync\""),
+        }
     }
 
     /// The address clients are sent to for this node.
@@ -172,6 +185,7 @@ impl NodeConfig {
         if self.record_bytes_max > 8 << 20 {
             bail!("record_bytes_max must be at most 8 MiB (one record must fit one WAL group)");
         }
+        self.wal_durability()?;
         if self.appends_inflight_bytes_max < self.request_bytes_max {
             bail!("appends_inflight_bytes_max must be at least request_bytes_max");
         }

@@ -270,6 +270,9 @@ struct Driver {
     memberships: Vec<(LogIndex, Membership)>,
     role: Role,
     leader: Option<NodeId>,
+    /// The last hard state a Ready reported, and whether its commit index is not saved yet.
+    latest_hard_state: raftwal_consensus::HardState,
+    commit_unsaved: bool,
 }
 
 /// Events taken per loop iteration before the Readies are drained.
@@ -294,8 +297,13 @@ pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
         memberships,
         role: Role::Follower,
         leader: None,
+        latest_hard_state: raftwal_consensus::HardState::default(),
+        commit_unsaved: false,
     };
-    let result = d.run_loop(&rx, tick);
+    let mut result = d.run_loop(&rx, tick);
+    if result.is_ok() {
+        result = d.save_commit();
+    }
     if let Err(e) = &result {
         tracing::error!(error = %e, "the node's driver stopped");
         *d.shared.failure.write() = Some(e.clone());
@@ -317,6 +325,7 @@ impl Driver {
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick().map_err(|e| format!("tick: {e}"))?;
+                self.save_commit()?;
                 next_tick += tick;
                 if next_tick < now {
                     next_tick = now + tick;
@@ -604,7 +613,18 @@ impl Driver {
             write_entries(&wal, &rd.entries)?;
         }
         if let Some(hs) = rd.hard_state {
-            wal.save_hard_state(hs).map_err(|e| format!("wal hard state: {e}"))?;
+            let saved = wal.hard_state();
+            if hs.term != saved.term || hs.vote != saved.vote {
+                // Term and vote must be durable before anything that depends on them is sent.
+                wal.save_hard_state(hs).map_err(|e| format!("wal hard state: {e}"))?;
+                self.commit_unsaved = false;
+            } else {
+                // Only the commit index moved. Raft needs no durable commit index (a restarted
+                // node learns it again from the leader), so it is saved on the next tick
+                // instead of costing every append a second fsync on every node.
+                self.commit_unsaved = true;
+                self.latest_hard_state = hs;
+            }
         }
         self.raw.advance(rd.number).map_err(|e| format!("advance: {e}"))?;
         self.send_all(rd.persisted_messages);
@@ -803,6 +823,20 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Saves a commit index held back from the Readies (see `handle_ready`).
+    fn save_commit(&mut self) -> Result<(), String> {
+        if self.commit_unsaved {
+            let wal = self.raw.store().wal().clone();
+            let saved = wal.hard_state();
+            let hs = self.latest_hard_state;
+            if hs.term == saved.term && hs.vote == saved.vote && hs.commit > saved.commit {
+                wal.save_hard_state(hs).map_err(|e| format!("wal hard state: {e}"))?;
+            }
+            self.commit_unsaved = false;
+        }
+        Ok(())
     }
 
     fn publish_status(&mut self) {

@@ -66,8 +66,14 @@ impl Node {
         let wal_opts = WalOptions {
             segment_bytes: cfg.segment_bytes,
             record_bytes_max: cfg.record_bytes_max + 64,
+            durability: cfg.wal_durability()?,
             ..WalOptions::default()
         };
+        if cfg.wal_durability()? == raftwal_wal::Durability::UnsafeNoSync {
+            tracing::warn!(
+                "durability is unsafe-no-sync: a power loss can lose acknowledged appends"
+            );
+        }
         let wal_dir = cfg.data_dir.join("wal");
         let wal = Wal::open(&wal_dir, wal_opts).with_context(|| {
             format!(

@@ -1,0 +1,203 @@
+//! The cluster a load runs against: a running one (`--endpoints`) or one started here on
+//! loopback (`--local N`, real nodes in this process: QUIC with mutual TLS, WAL files in a temp
+//! dir), and the nodes' own figures read from their `/metrics`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+use raftwal_consensus::NodeId;
+use raftwal_server::{Node, NodeConfig};
+use raftwal_transport::certs::ClusterCa;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Nodes started by the benchmark.
+pub struct LocalCluster {
+    pub nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    /// Starts `n` nodes on 127.0.0.1 with data under a temp dir in `parent`.
+    pub async fn start(n: u64, durability: &str, parent: &Path) -> anyhow::Result<LocalCluster> {
+        raftwal_server::http::prometheus();
+        std::fs::create_dir_all(parent)?;
+        let dir = tempfile::tempdir_in(parent).context("temp dir for the local cluster")?;
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs)?;
+        let ca = ClusterCa::generate("bench CA")?;
+        std::fs::write(certs.join("ca.pem"), ca.cert_pem())?;
+        let mut peer_addrs = BTreeMap::new();
+        for id in 1..=n {
+            let b = ca.issue_node(NodeId(id), &["127.0.0.1".into()])?;
+            std::fs::write(certs.join(format!("node-{id}.pem")), b.cert_pem)?;
+            std::fs::write(certs.join(format!("node-{id}.key")), b.key_pem)?;
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            peer_addrs.insert(id, s.local_addr()?);
+        }
+        let mut nodes = Vec::new();
+        for id in 1..=n {
+            let mut c = NodeConfig::defaults();
+            c.id = id;
+            c.data_dir = dir.path().join(format!("node-{id}"));
+            c.peer_listen = peer_addrs[&id];
+            c.api_listen = "127.0.0.1:0".parse()?;
+            c.http_listen = "127.0.0.1:0".parse()?;
+            c.peers = (1..=n)
+                .filter(|&p| p != id)
+                .map(|p| format!("{p}@{}@127.0.0.1:0", peer_addrs[&p]))
+                .collect();
+            c.tls_ca = certs.join("ca.pem");
+            c.tls_cert = certs.join(format!("node-{id}.pem"));
+            c.tls_key = certs.join(format!("node-{id}.key"));
+            c.client_plaintext = true;
+            c.durability = durability.to_string();
+            nodes.push(Node::start(c).await?);
+        }
+        let addrs: Vec<(NodeId, String)> =
+            nodes.iter().map(|n| (n.shared.id, n.api_addr.to_string())).collect();
+        for node in &nodes {
+            node.shared.api_addrs.write().extend(addrs.iter().cloned());
+        }
+        Ok(LocalCluster { nodes, _dir: dir })
+    }
+
+    /// The client endpoints.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("http://{}", n.api_addr)).collect()
+    }
+
+    /// The HTTP admin addresses.
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.http_addr).collect()
+    }
+
+    /// Stops every node.
+    pub async fn stop(self) {
+        for node in self.nodes {
+            let _ = node.shutdown().await;
+        }
+    }
+}
+
+/// GET `path` over plain HTTP/1.1.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: raftwal\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// One Prometheus histogram summed over nodes: cumulative buckets, sum and count.
+#[derive(Debug, Default, Clone)]
+pub struct Hist {
+    pub buckets: BTreeMap<u64, f64>,
+    pub sum: f64,
+    pub count: f64,
+    /// Bucket bounds as f64, keyed by their bits (kept ordered by value).
+    bounds: BTreeMap<u64, f64>,
+}
+
+impl Hist {
+    /// Parses `name` from Prometheus text (every label set summed).
+    pub fn parse(text: &str, name: &str) -> Hist {
+        let mut h = Hist::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) {
+                let Some((labels, value)) = rest.split_once("} ") else { continue };
+                let Some(le) = labels.split("le=\"").nth(1).and_then(|s| s.split('"').next())
+                else {
+                    continue;
+                };
+                let bound =
+                    if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+                let key = ordered_key(bound);
+                *h.buckets.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+                h.bounds.insert(key, bound);
+            } else if let Some(v) = line.strip_prefix(&format!("{name}_sum")) {
+                h.sum += v.split_whitespace().last().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+            } else if let Some(v) = line.strip_prefix(&format!("{name}_count")) {
+                h.count += v.split_whitespace().last().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+            }
+        }
+        h
+    }
+
+    /// This minus an earlier reading of the same nodes.
+    pub fn since(&self, before: &Hist) -> Hist {
+        let mut h = self.clone();
+        for (k, v) in &before.buckets {
+            *h.buckets.entry(*k).or_default() -= v;
+        }
+        h.sum -= before.sum;
+        h.count -= before.count;
+        h
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count)
+    }
+
+    /// The upper bound of the bucket holding quantile `q`.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let target = q * self.count;
+        self.buckets.iter().find(|(_, c)| **c >= target).map(|(k, _)| self.bounds[k])
+    }
+}
+
+/// Maps a non-negative f64 to a key that sorts like it.
+fn ordered_key(v: f64) -> u64 {
+    if v.is_infinite() { u64::MAX } else { (v * 1e9) as u64 }
+}
+
+/// The nodes' own figures over a run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct NodeFigures {
+    pub fsync_mean_us: Option<f64>,
+    pub fsync_p99_le_us: Option<f64>,
+    pub fsyncs: f64,
+    pub group_entries_mean: Option<f64>,
+}
+
+/// Reads the WAL histograms of every node.
+pub async fn read_node_metrics(addrs: &[SocketAddr]) -> (Hist, Hist) {
+    let mut fsync = Hist::default();
+    let mut group = Hist::default();
+    for &a in addrs {
+        let Ok(text) = http_get(a, "/metrics").await else { continue };
+        let f = Hist::parse(&text, "raftwal_wal_fsync_duration_seconds");
+        let g = Hist::parse(&text, "raftwal_wal_group_entries");
+        merge(&mut fsync, &f);
+        merge(&mut group, &g);
+    }
+    (fsync, group)
+}
+
+fn merge(into: &mut Hist, h: &Hist) {
+    for (k, v) in &h.buckets {
+        *into.buckets.entry(*k).or_default() += v;
+    }
+    into.bounds.extend(h.bounds.iter().map(|(k, v)| (*k, *v)));
+    into.sum += h.sum;
+    into.count += h.count;
+}
+
+/// Figures from metrics read before and after a run.
+pub fn figures(before: &(Hist, Hist), after: &(Hist, Hist)) -> NodeFigures {
+    let fsync = after.0.since(&before.0);
+    let group = after.1.since(&before.1);
+    NodeFigures {
+        fsync_mean_us: fsync.mean().map(|s| s * 1e6),
+        fsync_p99_le_us: fsync.quantile_bound(0.99).map(|s| s * 1e6),
+        fsyncs: fsync.count,
+        group_entries_mean: group.mean(),
+    }
+}
