@@ -13,7 +13,7 @@
 //! The WAL calls block this thread; that is the group commit: while one fsync runs, proposals
 //! queue up and all go into the next write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,7 +27,7 @@ use raftwal_consensus::{
     RawNode, Ready, Role, Status,
 };
 use raftwal_transport::{SendError, Transport};
-use raftwal_wal::{Entry as WalEntry, Wal};
+use raftwal_wal::{Entry as WalEntry, Ticket, Wal};
 use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, Addresses, ProducerSeq};
@@ -53,6 +53,8 @@ pub enum Event {
     Trim { before: LogIndex, reply: oneshot::Sender<Result<LogIndex, DriverError>> },
     /// Stop the driver.
     Shutdown,
+    /// The syncer made Ready `number` (and every earlier one) durable, or failed.
+    Persisted { number: u64, result: Result<(), String> },
 }
 
 /// One client append.
@@ -209,6 +211,8 @@ pub struct DriverParts {
     pub shared: Arc<Shared>,
     pub transport: Transport,
     pub rx: EventQueue,
+    /// The sending side, for the syncer thread's reports.
+    pub handle: DriverHandle,
     pub tick: Duration,
     pub data_dir: PathBuf,
     /// (log start index, membership there) and each later applied membership.
@@ -234,7 +238,7 @@ pub struct EventQueue {
 
 impl EventQueue {
     fn taken(&self, event: &Event) {
-        if !matches!(event, Event::Peer(_) | Event::Shutdown) {
+        if !matches!(event, Event::Peer(_) | Event::Shutdown | Event::Persisted { .. }) {
             self.client_queued.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -270,6 +274,12 @@ struct Driver {
     memberships: Vec<(LogIndex, Membership)>,
     role: Role,
     leader: Option<NodeId>,
+    /// Readies whose writes are queued, in order, with the messages that wait for them.
+    pending: VecDeque<(u64, Vec<Message>)>,
+    /// Hands (Ready number, last WAL ticket) to the syncer thread.
+    syncer: std::sync::mpsc::Sender<(u64, Option<Ticket>)>,
+    /// The last index handed to the WAL (durable or still queued).
+    submitted_last: LogIndex,
     /// The last hard state a Ready reported, and whether its commit index is not saved yet.
     latest_hard_state: raftwal_consensus::HardState,
     commit_unsaved: bool,
@@ -281,8 +291,16 @@ const EVENTS_PER_ROUND_MAX: usize = 4096;
 /// Runs the driver until shutdown or a fatal error (a WAL failure, a consensus error that means
 /// the node's own state is broken). Returns the error, if any.
 pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
-    let DriverParts { raw, shared, transport, rx, tick, data_dir, memberships, runtime } = parts;
+    let DriverParts { raw, shared, transport, rx, handle, tick, data_dir, memberships, runtime } =
+        parts;
     let _guard = runtime.enter();
+    let wal = raw.store().wal().clone();
+    let submitted_last = wal.last_index();
+    let (syncer, syncer_rx) = std::sync::mpsc::channel();
+    let syncer_thread = std::thread::Builder::new()
+        .name(format!("raftwal-syncer-{}", shared.id.0))
+        .spawn(move || run_syncer(wal, syncer_rx, handle.tx))
+        .expect("spawn the syncer thread");
     let mut d = Driver {
         raw,
         shared,
@@ -297,13 +315,24 @@ pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
         memberships,
         role: Role::Follower,
         leader: None,
+        pending: VecDeque::new(),
+        syncer,
+        submitted_last,
         latest_hard_state: raftwal_consensus::HardState::default(),
         commit_unsaved: false,
     };
     let mut result = d.run_loop(&rx, tick);
     if result.is_ok() {
+        // Whatever is queued becomes durable before the node stops.
+        result = d.raw.store().wal().flush().map_err(|e| format!("wal flush: {e}"));
+    }
+    if result.is_ok() {
         result = d.save_commit();
     }
+    drop(rx);
+    let (closed, _) = std::sync::mpsc::channel();
+    d.syncer = closed;
+    let _ = syncer_thread.join();
     if let Err(e) = &result {
         tracing::error!(error = %e, "the node's driver stopped");
         *d.shared.failure.write() = Some(e.clone());
@@ -379,6 +408,7 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Event::Trim { before, reply } => self.trim(before, reply)?,
+            Event::Persisted { number, result } => self.persisted(number, result)?,
             Event::Shutdown => return Ok(false),
         }
         Ok(true)
@@ -592,6 +622,7 @@ impl Driver {
             let mut state = shared.state.write();
             let record = self.start_record(start.first_index, start.membership.clone(), &state);
             self.change_start(record, |wal| wal.restart_at(start.first_index, start.prev_term))?;
+            self.submitted_last = start.first_index.prev();
             // Whatever this node's old log said after the new start is gone with it.
             self.memberships = vec![(start.first_index.prev(), start.membership.clone())];
             self.raw.store_mut().set_start_membership(start.membership.clone());
@@ -606,28 +637,42 @@ impl Driver {
             self.shared.readable.send_replace(readable);
             tracing::info!(first = %start.first_index, "log restarted at the leader's log start");
         }
+        let mut ticket = None;
         if let Some(first) = rd.entries.first() {
-            if first.index <= wal.last_index() {
+            if first.index <= self.submitted_last {
+                // A conflicting suffix (written or still queued) is replaced.
                 wal.truncate_suffix(first.index).map_err(|e| format!("wal truncate: {e}"))?;
             }
-            write_entries(&wal, &rd.entries)?;
+            ticket = Some(self.submit_entries(&wal, &rd.entries)?);
+            self.submitted_last = rd.entries.last().expect("not empty").index;
         }
         if let Some(hs) = rd.hard_state {
             let saved = wal.hard_state();
             if hs.term != saved.term || hs.vote != saved.vote {
-                // Term and vote must be durable before anything that depends on them is sent.
-                wal.save_hard_state(hs).map_err(|e| format!("wal hard state: {e}"))?;
-                self.commit_unsaved = false;
-            } else {
-                // Only the commit index moved. Raft needs no durable commit index (a restarted
-                // node learns it again from the leader), so it is saved on the next tick
-                // instead of costing every append a second fsync on every node.
-                self.commit_unsaved = true;
-                self.latest_hard_state = hs;
+                // Term and vote must be durable before anything that depends on them is sent;
+                // the commit index saved with them never runs ahead of the durable log.
+                let commit = hs.commit.min(wal.last_index()).max(saved.commit);
+                let save = raftwal_consensus::HardState { commit, ..hs };
+                wal.save_hard_state(save).map_err(|e| format!("wal hard state: {e}"))?;
             }
+            // Raft needs no durable commit index (a restarted node learns it again from the
+            // leader): a commit-only change is saved on the next tick, not with a second
+            // fsync per append on every node.
+            self.commit_unsaved = true;
+            self.latest_hard_state = hs;
         }
-        self.raw.advance(rd.number).map_err(|e| format!("advance: {e}"))?;
-        self.send_all(rd.persisted_messages);
+        // The entries become durable on the syncer thread (the WAL's group commit), while this
+        // thread goes on stepping messages and proposing (thesis 10.2.1). `advance` and the
+        // messages that promise durable state wait for it, in Ready order.
+        if ticket.is_none() && self.pending.is_empty() {
+            self.raw.advance(rd.number).map_err(|e| format!("advance: {e}"))?;
+            self.send_all(rd.persisted_messages);
+        } else {
+            self.pending.push_back((rd.number, rd.persisted_messages));
+            self.syncer
+                .send((rd.number, ticket))
+                .map_err(|_| "the syncer thread stopped".to_string())?;
+        }
         if !rd.committed_entries.is_empty() {
             let shared = self.shared.clone();
             let mut state = shared.state.write();
@@ -825,16 +870,61 @@ impl Driver {
         }
     }
 
+    /// Queues `entries` in the WAL in as many submits as its group limits need; returns the
+    /// last ticket. A full WAL queue waits for the oldest write here.
+    fn submit_entries(
+        &mut self,
+        wal: &Wal,
+        entries: &[raftwal_consensus::Entry],
+    ) -> Result<Ticket, String> {
+        let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
+        let all: Vec<WalEntry<'_>> = entries
+            .iter()
+            .zip(&payloads)
+            .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
+            .collect();
+        let mut last = None;
+        for chunk in group_chunks(wal, &all) {
+            loop {
+                match wal.submit(chunk) {
+                    Ok(t) => {
+                        last = Some(t);
+                        break;
+                    }
+                    Err(raftwal_wal::Error::QueueFull { .. }) => {
+                        wal.flush().map_err(|e| format!("wal flush: {e}"))?;
+                    }
+                    Err(e) => return Err(format!("wal submit: {e}")),
+                }
+            }
+        }
+        Ok(last.expect("entries are not empty"))
+    }
+
+    /// The syncer made Ready `number` (and every earlier one) durable.
+    fn persisted(&mut self, number: u64, result: Result<(), String>) -> Result<(), String> {
+        result?;
+        self.raw.advance(number).map_err(|e| format!("advance: {e}"))?;
+        while self.pending.front().is_some_and(|(n, _)| *n <= number) {
+            let (_, messages) = self.pending.pop_front().expect("checked");
+            self.send_all(messages);
+        }
+        Ok(())
+    }
+
     /// Saves a commit index held back from the Readies (see `handle_ready`).
     fn save_commit(&mut self) -> Result<(), String> {
         if self.commit_unsaved {
             let wal = self.raw.store().wal().clone();
             let saved = wal.hard_state();
             let hs = self.latest_hard_state;
-            if hs.term == saved.term && hs.vote == saved.vote && hs.commit > saved.commit {
-                wal.save_hard_state(hs).map_err(|e| format!("wal hard state: {e}"))?;
+            // Never ahead of the durable log: a restart must find its commit index in the log.
+            let commit = hs.commit.min(wal.last_index());
+            if hs.term == saved.term && hs.vote == saved.vote && commit > saved.commit {
+                let save = raftwal_consensus::HardState { commit, ..hs };
+                wal.save_hard_state(save).map_err(|e| format!("wal hard state: {e}"))?;
             }
-            self.commit_unsaved = false;
+            self.commit_unsaved = commit < hs.commit;
         }
         Ok(())
     }
@@ -881,17 +971,11 @@ impl Driver {
     }
 }
 
-/// Writes `entries` durably, in as many WAL calls as its group limits need (a Ready may carry
-/// more entries or bytes than one WAL group takes: many clients' batches, or a follower's
-/// catch-up). Each call returns once durable; the driver is the WAL's only writer.
-fn write_entries(wal: &Wal, entries: &[raftwal_consensus::Entry]) -> Result<(), String> {
+/// Splits `entries` into runs that each fit one WAL group (a Ready may carry more entries or
+/// bytes than one group takes: many clients' batches, or a follower's catch-up).
+fn group_chunks<'a, 'e>(wal: &Wal, all: &'a [WalEntry<'e>]) -> Vec<&'a [WalEntry<'e>]> {
     let opts = wal.options();
-    let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
-    let all: Vec<WalEntry<'_>> = entries
-        .iter()
-        .zip(&payloads)
-        .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
-        .collect();
+    let mut out = Vec::new();
     let mut start = 0;
     while start < all.len() {
         let mut end = start;
@@ -904,10 +988,27 @@ fn write_entries(wal: &Wal, entries: &[raftwal_consensus::Entry]) -> Result<(), 
             bytes += b;
             end += 1;
         }
-        wal.append(&all[start..end]).map_err(|e| format!("wal append: {e}"))?;
+        out.push(&all[start..end]);
         start = end;
     }
-    Ok(())
+    out
+}
+
+/// Waits for queued WAL writes in Ready order and tells the driver, which meanwhile goes on.
+/// The WAL's group commit lets this thread write and sync everything queued at once.
+fn run_syncer(wal: Arc<Wal>, rx: Receiver<(u64, Option<Ticket>)>, driver: SyncSender<Event>) {
+    while let Ok((number, ticket)) = rx.recv() {
+        let result = match ticket {
+            Some(t) => wal.wait(t).map_err(|e| format!("wal write: {e}")),
+            None => Ok(()),
+        };
+        let failed = result.is_err();
+        // A blocking send: a durability report must never be dropped. The driver never waits
+        // for this thread, so this cannot deadlock.
+        if driver.send(Event::Persisted { number, result }).is_err() || failed {
+            return;
+        }
+    }
 }
 
 /// The first index of the batch that holds `index`, or `index` itself when it starts a batch,
@@ -988,7 +1089,17 @@ mod tests {
                 data: Bytes::from(vec![i as u8; if i == 7 { 3000 } else { 100 }]),
             })
             .collect();
-        write_entries(&wal, &entries).expect("written");
+        let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
+        let all: Vec<WalEntry<'_>> = entries
+            .iter()
+            .zip(&payloads)
+            .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
+            .collect();
+        let chunks = group_chunks(&wal, &all);
+        assert!(chunks.len() >= 7, "{} chunks", chunks.len());
+        for chunk in chunks {
+            wal.append(chunk).expect("each chunk fits one group");
+        }
         assert_eq!(wal.last_index(), LogIndex(25));
         assert!(wal.stats().groups >= 7, "{} groups", wal.stats().groups);
         let back = wal.entry(LogIndex(7)).expect("entry");

@@ -174,6 +174,7 @@ impl Node {
             shared: shared.clone(),
             transport,
             rx,
+            handle: driver.clone(),
             tick: Duration::from_millis(cfg.tick_ms),
             data_dir: cfg.data_dir.clone(),
             memberships: vec![(first.prev(), start_membership)],
