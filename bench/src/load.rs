@@ -48,6 +48,9 @@ pub struct Args {
     /// Appends in flight per client.
     #[arg(long, default_value_t = 1)]
     depth: u32,
+    /// Connections the clients share (each client is its own producer on one of them).
+    #[arg(long, default_value_t = 100)]
+    conns: usize,
     /// Open loop: appends per second in total (instead of a closed loop).
     #[arg(long)]
     rate: Option<f64>,
@@ -107,6 +110,7 @@ pub struct Report {
     pub batch: usize,
     pub clients: usize,
     pub depth: u32,
+    pub conns: usize,
     pub rate: Option<f64>,
     pub seconds: f64,
     pub records_per_s: f64,
@@ -242,8 +246,13 @@ async fn measure(
         tasks.push(tokio::spawn(reader(client, shared.clone())));
     }
     let before = cluster::read_node_metrics(metrics).await;
+    let conns = args.conns.clamp(1, args.clients.max(1));
+    let mut bases = Vec::new();
+    for _ in 0..conns {
+        bases.push(connect(endpoints).await?);
+    }
     for c in 0..args.clients {
-        let client = connect(endpoints).await?;
+        let client = bases[c % conns].new_producer();
         let shared = shared.clone();
         let args = args.clone();
         tasks.push(tokio::spawn(async move {
@@ -306,6 +315,7 @@ async fn measure(
         batch: args.batch,
         clients: args.clients,
         depth: args.depth,
+        conns: args.conns.clamp(1, args.clients.max(1)),
         rate: args.rate,
         seconds,
         records_per_s: records / seconds,
@@ -491,7 +501,10 @@ pub fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     }
     let load = match report.rate {
         Some(r) => format!("open loop {r:.0} appends/s"),
-        None => format!("closed loop, {} clients x depth {}", report.clients, report.depth),
+        None => format!(
+            "closed loop, {} clients x depth {} over {} connections",
+            report.clients, report.depth, report.conns
+        ),
     };
     println!(
         "raftwal-bench {}: {} nodes, durability {}, {} B records x {} per append, {load}, {:.1} s measured\n",

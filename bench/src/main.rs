@@ -4,11 +4,14 @@
 //! allows, so every figure comes with the ratio that says how close raftwal gets.
 //! Modes: `wal` (the write-ahead log against raw `pwrite` + `fdatasync`), `fsync` (what a sync
 //! costs into fallocated vs pre-written blocks), `transport` (append messages between two
-//! endpoints against a plain quinn stream).
+//! endpoints against a plain quinn stream), `append`/`follow`/`mixed` (a cluster under load
+//! through the real client), `etcd` (the same put load against etcd, for
+//! `bench/compare-etcd.sh`).
 
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod etcd;
 mod fsync;
 mod load;
 mod transport;
@@ -37,6 +40,8 @@ enum Mode {
     Follow(load::Args),
     /// Appends, followers and reads at once.
     Mixed(load::Args),
+    /// The comparison load: etcd KV.Put over its gRPC API (see bench/compare-etcd.sh).
+    Etcd(etcd::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +52,11 @@ fn main() -> anyhow::Result<()> {
         Mode::Append(args) => run_load(load::Mode::Append, &args),
         Mode::Follow(args) => run_load(load::Mode::Follow, &args),
         Mode::Mixed(args) => run_load(load::Mode::Mixed, &args),
+        Mode::Etcd(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = runtime.block_on(etcd::run(&args))?;
+            etcd::print(&report, args.json)
+        }
     }
 }
 

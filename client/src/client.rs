@@ -57,6 +57,14 @@ impl Client {
         Ok(Client { shared, producer: Arc::new(Mutex::new(producer)) })
     }
 
+    /// A client that shares this one's connections and leader tracking but appends as a
+    /// producer of its own (its own id and sequences), so that many concurrent writers can
+    /// share a few connections, each with one append in flight.
+    pub fn new_producer(&self) -> Client {
+        let producer = Producer::new(self.shared.random_u64());
+        Client { shared: self.shared.clone(), producer: Arc::new(Mutex::new(producer)) }
+    }
+
     /// Appends `records` as one batch on the leader; they get consecutive offsets and commit
     /// together or not at all. See [`Client::append_with`].
     pub async fn append<R: Into<Vec<u8>>>(
