@@ -93,7 +93,14 @@ pub fn serve(
                 .max_encoding_message_size(READ_BYTES_MAX as usize + (1 << 20)),
         )
         .add_service(AdminServer::new(api));
-    let incoming = TcpListenerStream::new(listener);
+    // Responses must not wait for Nagle's algorithm and the peer's delayed ACK (40 ms here):
+    // `serve_with_incoming` leaves accepted sockets as they come, so set TCP_NODELAY on each.
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |s| {
+        s.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    });
     Ok(tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
