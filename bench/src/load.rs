@@ -33,6 +33,9 @@ pub struct Args {
     /// Client endpoints of a running cluster (http://host:port, comma-separated).
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// The cluster CA certificate, for https:// endpoints (e.g. raftwal-dev/certs/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// HTTP admin addresses of that cluster's nodes, to read their fsync figures.
     #[arg(long, value_delimiter = ',')]
     metrics: Vec<std::net::SocketAddr>,
@@ -193,9 +196,13 @@ pub async fn run(mode: Mode, args: &Args) -> anyhow::Result<Report> {
     result
 }
 
-async fn connect(endpoints: &[String]) -> anyhow::Result<Client> {
+async fn connect(endpoints: &[String], ca: Option<&PathBuf>) -> anyhow::Result<Client> {
     let mut config = ClientConfig::new(endpoints.to_vec());
     config.request_timeout = Duration::from_secs(10);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("read {}", ca.display()))?;
+        config = config.with_tls(raftwal_client::ClientTls::new(pem));
+    }
     Ok(Client::connect(config).await?)
 }
 
@@ -206,7 +213,7 @@ async fn measure(
     metrics: &[std::net::SocketAddr],
     nodes: String,
 ) -> anyhow::Result<Report> {
-    let probe = connect(endpoints).await?;
+    let probe = connect(endpoints, args.ca.as_ref()).await?;
     // Wait for a leader: one append must go through.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -236,20 +243,20 @@ async fn measure(
     if mode != Mode::Append {
         let start = probe.status().await?.commit_offset + 1;
         for _ in 0..args.followers {
-            let client = connect(endpoints).await?;
+            let client = connect(endpoints, args.ca.as_ref()).await?;
             let shared = shared.clone();
             tasks.push(tokio::spawn(follower(client, Offset(start), shared)));
         }
     }
     if mode == Mode::Mixed {
-        let client = connect(endpoints).await?;
+        let client = connect(endpoints, args.ca.as_ref()).await?;
         tasks.push(tokio::spawn(reader(client, shared.clone())));
     }
     let before = cluster::read_node_metrics(metrics).await;
     let conns = args.conns.clamp(1, args.clients.max(1));
     let mut bases = Vec::new();
     for _ in 0..conns {
-        bases.push(connect(endpoints).await?);
+        bases.push(connect(endpoints, args.ca.as_ref()).await?);
     }
     for c in 0..args.clients {
         let client = bases[c % conns].new_producer();
@@ -550,4 +557,46 @@ pub fn print(report: &Report, json: bool) -> anyhow::Result<()> {
         n.group_entries_mean.map_or("-".into(), |v| format!("{v:.1}"))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        let dir = std::env::temp_dir().join("raftwal-bench-smoke");
+        let mut argv = vec!["bench", "--local", "3", "--duration", "1", "--warmup", "0.5"];
+        argv.extend_from_slice(extra);
+        let mut args = Cli::parse_from(argv).args;
+        args.dir = dir;
+        args
+    }
+
+    /// The modes run end to end against a local cluster and report what they did (a smoke
+    /// test: figures are checked by running the program, never asserted here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_mode_runs_and_reports() {
+        let r = run(Mode::Mixed, &args(&["--clients", "2", "--depth", "4", "--json"]))
+            .await
+            .expect("mixed");
+        assert!(r.records_per_s > 0.0 && r.follow_records_per_s.is_some_and(|f| f > 0.0), "{r:?}");
+        assert!(r.reads_per_s.is_some() && r.errors == 0, "{r:?}");
+        assert_eq!(r.durability, "sync");
+        let r = run(
+            Mode::Append,
+            &args(&["--clients", "2", "--rate", "200", "--durability", "unsafe-no-sync"]),
+        )
+        .await
+        .expect("open loop");
+        assert!(r.records_per_s > 0.0 && r.durability == "unsafe-no-sync", "{r:?}");
+        print(&r, true).expect("json");
+    }
 }
