@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 const RAFTWAL: &str = env!("CARGO_BIN_EXE_raftwal");
 
 struct Dev {
+    dir: std::path::PathBuf,
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -39,7 +40,7 @@ impl Dev {
                 }
             }
         });
-        Dev { child, lines, seen: Vec::new() }
+        Dev { dir: dir.to_path_buf(), child, lines, seen: Vec::new() }
     }
 
     /// Waits for an output line containing `needle`.
@@ -53,7 +54,7 @@ impl Dev {
                 }
             }
         }
-        panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"));
+        panic!("no line with {needle:?}; saw:\n{}\n{}", self.seen.join("\n"), node_logs(&self.dir));
     }
 
     fn pid_of_node(&self, id: u64) -> u32 {
@@ -106,11 +107,25 @@ fn cli(dir: &Path, args: &[&str]) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "raftwal {args:?} kept failing: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "raftwal {args:?} kept failing: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            node_logs(dir)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The last lines of every node's log, for a failure message.
+fn node_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for id in 1..=3 {
+        let path = dir.join("raftwal-dev").join(format!("node-{id}.log"));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        out.push_str(&format!("--- {}:\n{tail}\n", path.display()));
+    }
+    out
 }
 
 /// The leader's id, once the node the CLI asks knows one other than `not`.
@@ -127,7 +142,7 @@ fn wait_for_leader(dir: &Path, not: Option<u64>) -> u64 {
         {
             return leader;
         }
-        assert!(Instant::now() < deadline, "no leader: {status}");
+        assert!(Instant::now() < deadline, "no leader: {status}\n{}", node_logs(dir));
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -202,7 +217,11 @@ fn raftwal_dev_runs_a_cluster_that_survives_a_killed_node_and_recovers_after_ctr
         if out.contains("\thello") && out.contains("\tafter-the-kill") {
             break;
         }
-        assert!(Instant::now() < deadline, "the log did not come back: {out}");
+        assert!(
+            Instant::now() < deadline,
+            "the log did not come back: {out}\n{}",
+            node_logs(dir.path())
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     dev.interrupt();
