@@ -96,11 +96,45 @@ pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host an existing dev directory's node 1 listens on.
+fn existing_host(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("node-1.toml")).ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("api_listen"))?;
+    let addr = line.split('"').nth(1)?;
+    let (host, _) = addr.rsplit_once(':')?;
+    Some(host.to_string())
+}
+
 /// Runs the dev cluster: three `raftwal node` processes, until Ctrl-C.
 pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let fresh = !dir.join("node-1").exists();
+    // A cluster keeps the address it was made with (its configs and certificates name it).
+    let made_with = existing_host(&dir);
+    let host = match &made_with {
+        Some(h) if h != host => {
+            eprintln!(
+                "note: {} was made for {h}; using {h} (a new --dir makes a cluster on another address)",
+                dir.display()
+            );
+            h.as_str()
+        }
+        _ => host,
+    };
     dev_prepare(&dir, host, nodes)?;
+    for id in 1..=nodes {
+        let (api, peer, http) = dev_ports(host, id);
+        let free = std::net::TcpListener::bind(&api).is_ok()
+            && std::net::TcpListener::bind(&http).is_ok()
+            && std::net::UdpSocket::bind(&peer).is_ok();
+        if !free {
+            bail!(
+                "the dev cluster's addresses ({api}, {peer}, {http}) are in use: is another \
+                 `raftwal dev` running? Stop it, or run this one on another loopback address \
+                 with a fresh --dir, e.g. `raftwal dev --host 127.0.0.2 --dir raftwal-dev-2`"
+            );
+        }
+    }
     let exe = std::env::current_exe().context("find the raftwal executable")?;
     let mut children = Vec::new();
     for id in 1..=nodes {
