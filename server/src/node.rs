@@ -125,7 +125,8 @@ impl Node {
         for a in start_addresses.iter().filter(|a| a.id != id) {
             tc.peers.insert(a.id, a.peer);
         }
-        let (transport, mut inbox) = Transport::start(tc).context("start the peer transport")?;
+        let (transport, mut inbox) =
+            start_transport(tc).await.context("start the peer transport")?;
         let peer_addr = transport.local_addr();
 
         let mut api_addrs: BTreeMap<NodeId, String> =
@@ -234,6 +235,29 @@ impl Node {
                 transport.shutdown().await;
                 result.map_err(|e| anyhow::anyhow!("the driver failed: {e}"))
             }
+        }
+    }
+}
+
+/// Starts the transport, retrying for up to 3 s while its address is still held: a node
+/// stopped and started again in one process releases its UDP socket only once the old
+/// endpoint's tasks have finished.
+async fn start_transport(
+    tc: TransportConfig,
+) -> Result<
+    (Transport, tokio::sync::mpsc::Receiver<raftwal_consensus::Message>),
+    raftwal_transport::StartError,
+> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match Transport::start(tc.clone()) {
+            Err(raftwal_transport::StartError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
         }
     }
 }
