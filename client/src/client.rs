@@ -137,11 +137,34 @@ impl Client {
         records_max: u32,
         bytes_max: u32,
     ) -> Result<ReadBatch, ClientError> {
+        self.read_inner(from_offset, records_max, bytes_max, false).await
+    }
+
+    /// Like [`Client::read`], but linearizable: the node first confirms with a quorum what is
+    /// committed and applies that much, so the batch reflects every append acknowledged
+    /// before this call (on any node, at the cost of a round trip to a quorum).
+    pub async fn read_linearizable(
+        &self,
+        from_offset: Offset,
+        records_max: u32,
+        bytes_max: u32,
+    ) -> Result<ReadBatch, ClientError> {
+        self.read_inner(from_offset, records_max, bytes_max, true).await
+    }
+
+    async fn read_inner(
+        &self,
+        from_offset: Offset,
+        records_max: u32,
+        bytes_max: u32,
+        linearizable: bool,
+    ) -> Result<ReadBatch, ClientError> {
         let shared = &self.shared;
         let request = proto::ReadRequest {
             from_offset: from_offset.get(),
             max_records: records_max,
             max_bytes: bytes_max,
+            linearizable,
         };
         let answer = shared
             .call(Route::Any, Effect::ReadOnly, |channel| {

@@ -286,6 +286,31 @@ impl Api {
     }
 }
 
+/// How long a linearizable read waits for its barrier and for this node to apply up to it.
+const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Api {
+    /// A ReadIndex round: returns once this node has applied everything a quorum confirmed
+    /// committed when the read arrived.
+    async fn read_barrier(&self) -> Result<(), Status> {
+        let (reply, rx) = oneshot::channel();
+        self.driver.submit(Event::ReadIndex { reply }).map_err(|e| status_of(&self.shared, e))?;
+        let index = match tokio::time::timeout(READ_BARRIER_TIMEOUT, rx).await {
+            Ok(Ok(Ok(index))) => index,
+            Ok(Ok(Err(e))) => return Err(status_of(&self.shared, e)),
+            Ok(Err(_)) => return Err(Status::unavailable("the node stopped")),
+            Err(_) => return Err(Status::unavailable("no leader confirmed the read in time")),
+        };
+        let mut readable = self.shared.readable.subscribe();
+        match tokio::time::timeout(READ_BARRIER_TIMEOUT, readable.wait_for(|r| *r >= index)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => {
+                Err(Status::unavailable(format!("this node did not apply offset {index} in time")))
+            }
+        }
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -380,6 +405,9 @@ impl Log for Api {
         request: Request<proto::ReadRequest>,
     ) -> Result<Response<proto::ReadResponse>, Status> {
         let r = request.into_inner();
+        if r.linearizable {
+            self.read_barrier().await?;
+        }
         self.read_records(r.from_offset, r.max_records, r.max_bytes).map(Response::new)
     }
 

@@ -46,6 +46,9 @@ pub enum ClientCommand {
         from: u64,
         #[arg(long, default_value_t = 100)]
         max_records: u32,
+        /// Reflect every append acknowledged before the read (a quorum round first).
+        #[arg(long)]
+        linearizable: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -180,9 +183,13 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 if a.duplicate { " (a retry of an earlier append)" } else { "" }
             );
         }
-        ClientCommand::Read { from, max_records, target } => {
+        ClientCommand::Read { from, max_records, linearizable, target } => {
             let client = connect(&target).await?;
-            let batch = client.read(Offset(from), max_records, 0).await?;
+            let batch = if linearizable {
+                client.read_linearizable(Offset(from), max_records, 0).await?
+            } else {
+                client.read(Offset(from), max_records, 0).await?
+            };
             for r in &batch.records {
                 crate::outln!("{}\t{}", r.offset, String::from_utf8_lossy(&r.data));
             }

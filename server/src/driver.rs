@@ -51,6 +51,8 @@ pub enum Event {
     Transfer { to: NodeId, reply: oneshot::Sender<Result<(), DriverError>> },
     /// Discard the log below an index on every node.
     Trim { before: LogIndex, reply: oneshot::Sender<Result<LogIndex, DriverError>> },
+    /// A read barrier: answered with the commit index a quorum confirmed.
+    ReadIndex { reply: oneshot::Sender<Result<LogIndex, DriverError>> },
     /// Stop the driver.
     Shutdown,
     /// The syncer made Ready `number` (and every earlier one) durable, or failed.
@@ -214,6 +216,8 @@ pub struct DriverParts {
     /// The sending side, for the syncer thread's reports.
     pub handle: DriverHandle,
     pub tick: Duration,
+    /// The election timeout in ticks (read barriers expire after two).
+    pub election_ticks: u32,
     pub data_dir: PathBuf,
     /// (log start index, membership there) and each later applied membership.
     pub memberships: Vec<(LogIndex, Membership)>,
@@ -274,6 +278,11 @@ struct Driver {
     memberships: Vec<(LogIndex, Membership)>,
     role: Role,
     leader: Option<NodeId>,
+    election_ticks: u32,
+    /// Read barriers waiting for a quorum, by context, with the tick they were asked at.
+    read_waiters: BTreeMap<u64, (u64, IndexReply)>,
+    next_read_context: u64,
+    ticks: u64,
     /// Readies whose writes are queued, in order, with the messages that wait for them.
     pending: VecDeque<(u64, Vec<Message>)>,
     /// Hands (Ready number, last WAL ticket) to the syncer thread.
@@ -285,14 +294,27 @@ struct Driver {
     commit_unsaved: bool,
 }
 
+/// Read barriers that may wait for a quorum at once; beyond, RESOURCE_EXHAUSTED.
+const READ_WAITERS_MAX: usize = 16_384;
+
 /// Events taken per loop iteration before the Readies are drained.
 const EVENTS_PER_ROUND_MAX: usize = 4096;
 
 /// Runs the driver until shutdown or a fatal error (a WAL failure, a consensus error that means
 /// the node's own state is broken). Returns the error, if any.
 pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
-    let DriverParts { raw, shared, transport, rx, handle, tick, data_dir, memberships, runtime } =
-        parts;
+    let DriverParts {
+        raw,
+        shared,
+        transport,
+        rx,
+        handle,
+        tick,
+        election_ticks,
+        data_dir,
+        memberships,
+        runtime,
+    } = parts;
     let _guard = runtime.enter();
     let wal = raw.store().wal().clone();
     let submitted_last = wal.last_index();
@@ -315,6 +337,10 @@ pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
         memberships,
         role: Role::Follower,
         leader: None,
+        read_waiters: BTreeMap::new(),
+        election_ticks,
+        next_read_context: 1,
+        ticks: 0,
         pending: VecDeque::new(),
         syncer,
         submitted_last,
@@ -354,6 +380,8 @@ impl Driver {
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick().map_err(|e| format!("tick: {e}"))?;
+                self.ticks += 1;
+                self.expire_reads();
                 self.save_commit()?;
                 next_tick += tick;
                 if next_tick < now {
@@ -408,6 +436,7 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Event::Trim { before, reply } => self.trim(before, reply)?,
+            Event::ReadIndex { reply } => self.read_index(reply),
             Event::Persisted { number, result } => self.persisted(number, result)?,
             Event::Shutdown => return Ok(false),
         }
@@ -487,6 +516,36 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    fn read_index(&mut self, reply: IndexReply) {
+        if self.read_waiters.len() >= READ_WAITERS_MAX {
+            let _ = reply.send(Err(DriverError::Overloaded("too many read barriers waiting")));
+            return;
+        }
+        let context = self.next_read_context;
+        self.next_read_context += 1;
+        match self.raw.read_index(context) {
+            Ok(()) => {
+                self.read_waiters.insert(context, (self.ticks, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(self.map_err(e)));
+            }
+        }
+    }
+
+    /// A read barrier unanswered for this long lost its request or its leader: the caller
+    /// hears so (and may retry) instead of waiting forever.
+    fn expire_reads(&mut self) {
+        let ttl = u64::from(self.election_ticks) * 2;
+        while let Some((&context, (asked, _))) = self.read_waiters.first_key_value() {
+            if self.ticks < asked + ttl {
+                break;
+            }
+            let (_, reply) = self.read_waiters.remove(&context).expect("present");
+            let _ = reply.send(Err(DriverError::NotLeader { leader: self.raw.leader() }));
+        }
     }
 
     /// Answers every caller waiting on the batch at `first`.
@@ -726,6 +785,11 @@ impl Driver {
         if let Some(m) = rd.membership {
             self.apply_membership(m);
         }
+        for rs in rd.read_states {
+            if let Some((_, reply)) = self.read_waiters.remove(&rs.context) {
+                let _ = reply.send(Ok(rs.index));
+            }
+        }
         // Published last, so that whoever wakes on it also sees the membership it implies.
         if !rd.committed_entries.is_empty() {
             let readable = self.shared.state.read().readable();
@@ -943,6 +1007,9 @@ impl Driver {
         }
         if let Some(q) = self.queued_conf.take() {
             let _ = q.reply.send(Err(e.clone()));
+        }
+        for (_, (_, reply)) in std::mem::take(&mut self.read_waiters) {
+            let _ = reply.send(Err(e.clone()));
         }
     }
 

@@ -177,6 +177,7 @@ impl Node {
             rx,
             handle: driver.clone(),
             tick: Duration::from_millis(cfg.tick_ms),
+            election_ticks: cfg.election_ticks,
             data_dir: cfg.data_dir.clone(),
             memberships: vec![(first.prev(), start_membership)],
             runtime: tokio::runtime::Handle::current(),
