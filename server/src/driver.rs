@@ -34,6 +34,11 @@ use crate::envelope::{self, Addresses, ProducerSeq};
 use crate::state::{Applied, LogState};
 use crate::store::{self, WalStore};
 
+mod apply;
+mod persist;
+
+use persist::run_syncer;
+
 /// Events the driver handles, in arrival order.
 #[derive(Debug)]
 pub enum Event {
@@ -798,123 +803,6 @@ impl Driver {
         Ok(())
     }
 
-    fn settle(
-        &mut self,
-        applied: Applied,
-        state: &mut LogState,
-        wal: &Arc<Wal>,
-    ) -> Result<(), String> {
-        match applied {
-            Applied::Nothing => {}
-            Applied::Batch { first, last } => {
-                self.finish(first, &Ok(AppendOk { first, last, duplicate: false }));
-            }
-            Applied::Broken { first } => self.finish(first, &Err(DriverError::Lost)),
-            Applied::Address(a) => {
-                self.shared.api_addrs.write().insert(a.id, a.api.clone());
-                if a.id != self.shared.id {
-                    self.transport.add_peer(a.id, a.peer);
-                }
-            }
-            Applied::Trim { before } => {
-                // Never past what is settled: a reader must not lose entries it may still read.
-                let before = before.min(state.readable().next()).min(wal.last_index().next());
-                // Never inside a batch: a node that restarts from the new start must decide
-                // about every batch exactly as the others did (same on every node: the log).
-                let before = batch_head(wal, before)?;
-                if self.role == Role::Leader {
-                    self.replicate_addresses(state)?;
-                }
-                if before > wal.first_index() {
-                    let membership = self.membership_at(before.prev());
-                    let new = self.start_record(before, membership.clone(), state);
-                    self.change_start(new, |wal| wal.compact_prefix(before))?;
-                    self.raw.store_mut().set_start_membership(membership);
-                    state.trimmed(before);
-                    tracing::info!(%before, "log trimmed");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn start_record(
-        &self,
-        first_index: LogIndex,
-        membership: Membership,
-        state: &LogState,
-    ) -> store::StartRecord {
-        store::StartRecord {
-            first_index,
-            membership,
-            addresses: state.addresses().values().cloned().collect(),
-        }
-    }
-
-    /// Moves the log start durably: the log-start file first names both starts, then the WAL
-    /// changes, then the file names only the new one (a crash anywhere leaves a record that
-    /// matches the WAL's first index). Keeps the membership history from the new start on.
-    fn change_start(
-        &mut self,
-        new: store::StartRecord,
-        change: impl FnOnce(&Wal) -> raftwal_wal::Result<()>,
-    ) -> Result<(), String> {
-        let wal = self.raw.store().wal().clone();
-        let old_first = wal.first_index();
-        let old = store::StartRecord {
-            first_index: old_first,
-            membership: self.membership_at(old_first.prev()),
-            addresses: new.addresses.clone(),
-        };
-        if old.first_index != new.first_index {
-            store::write_log_start(&self.data_dir, &[old, new.clone()])
-                .map_err(|e| format!("write log start: {e}"))?;
-        }
-        change(&wal).map_err(|e| format!("wal: {e}"))?;
-        store::write_log_start(&self.data_dir, std::slice::from_ref(&new))
-            .map_err(|e| format!("write log start: {e}"))?;
-        let at = new.first_index.prev();
-        self.memberships.retain(|(i, _)| *i > at);
-        self.memberships.insert(0, (at, new.membership));
-        Ok(())
-    }
-
-    fn membership_at(&self, index: LogIndex) -> Membership {
-        self.memberships
-            .iter()
-            .rev()
-            .find(|(i, _)| *i <= index)
-            .map(|(_, m)| m.clone())
-            .unwrap_or_else(|| self.memberships.first().map(|(_, m)| m.clone()).unwrap_or_default())
-    }
-
-    /// Consensus applied a membership: reach its members, show it in the status. (The history
-    /// by index is kept entry by entry while applying.)
-    fn apply_membership(&mut self, m: Membership) {
-        let members = m.members();
-        debug_assert_eq!(
-            self.memberships.last().map(|(_, h)| h),
-            Some(&m),
-            "history follows consensus"
-        );
-        // Keep the history bounded: only the membership in effect at the log start and later.
-        let first = self.raw.store().wal().first_index().prev();
-        if let Some(keep_from) = self.memberships.iter().rposition(|(i, _)| *i <= first)
-            && keep_from > 0
-        {
-            self.memberships.drain(..keep_from);
-        }
-        let addrs = self.shared.state.read().addresses().clone();
-        for id in members {
-            if id != self.shared.id
-                && let Some(a) = addrs.get(&id)
-            {
-                self.transport.add_peer(id, a.peer);
-            }
-        }
-        self.publish_status();
-    }
-
     fn send_all(&mut self, messages: Vec<Message>) {
         for msg in messages {
             let to = msg.to;
@@ -932,65 +820,6 @@ impl Driver {
                 }
             }
         }
-    }
-
-    /// Queues `entries` in the WAL in as many submits as its group limits need; returns the
-    /// last ticket. A full WAL queue waits for the oldest write here.
-    fn submit_entries(
-        &mut self,
-        wal: &Wal,
-        entries: &[raftwal_consensus::Entry],
-    ) -> Result<Ticket, String> {
-        let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
-        let all: Vec<WalEntry<'_>> = entries
-            .iter()
-            .zip(&payloads)
-            .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
-            .collect();
-        let mut last = None;
-        for chunk in group_chunks(wal, &all) {
-            loop {
-                match wal.submit(chunk) {
-                    Ok(t) => {
-                        last = Some(t);
-                        break;
-                    }
-                    Err(raftwal_wal::Error::QueueFull { .. }) => {
-                        wal.flush().map_err(|e| format!("wal flush: {e}"))?;
-                    }
-                    Err(e) => return Err(format!("wal submit: {e}")),
-                }
-            }
-        }
-        Ok(last.expect("entries are not empty"))
-    }
-
-    /// The syncer made Ready `number` (and every earlier one) durable.
-    fn persisted(&mut self, number: u64, result: Result<(), String>) -> Result<(), String> {
-        result?;
-        self.raw.advance(number).map_err(|e| format!("advance: {e}"))?;
-        while self.pending.front().is_some_and(|(n, _)| *n <= number) {
-            let (_, messages) = self.pending.pop_front().expect("checked");
-            self.send_all(messages);
-        }
-        Ok(())
-    }
-
-    /// Saves a commit index held back from the Readies (see `handle_ready`).
-    fn save_commit(&mut self) -> Result<(), String> {
-        if self.commit_unsaved {
-            let wal = self.raw.store().wal().clone();
-            let saved = wal.hard_state();
-            let hs = self.latest_hard_state;
-            // Never ahead of the durable log: a restart must find its commit index in the log.
-            let commit = hs.commit.min(wal.last_index());
-            if hs.term == saved.term && hs.vote == saved.vote && commit > saved.commit {
-                let save = raftwal_consensus::HardState { commit, ..hs };
-                wal.save_hard_state(save).map_err(|e| format!("wal hard state: {e}"))?;
-            }
-            self.commit_unsaved = commit < hs.commit;
-        }
-        Ok(())
     }
 
     fn publish_status(&mut self) {
@@ -1012,102 +841,6 @@ impl Driver {
             let _ = reply.send(Err(e.clone()));
         }
     }
-
-    /// After a trim, the leader replicates every member's addresses again, so that they stay in
-    /// the retained log for nodes that restart from it or from a log restart.
-    fn replicate_addresses(&mut self, state: &LogState) -> Result<(), String> {
-        let members = self.memberships.last().map(|(_, m)| m.members()).unwrap_or_default();
-        let entries: Vec<Bytes> = state
-            .addresses()
-            .values()
-            .filter(|a| members.contains(&a.id))
-            .map(envelope::encode_address)
-            .collect();
-        if entries.is_empty() {
-            return Ok(());
-        }
-        match self.raw.propose(entries) {
-            Ok(_) => Ok(()),
-            Err(RaftError::Store(e)) => Err(format!("log store: {e}")),
-            // Not leader any more, or over a limit: the next trim tries again.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not replicate addresses after a trim");
-                Ok(())
-            }
-        }
-    }
-}
-
-/// Splits `entries` into runs that each fit one WAL group (a Ready may carry more entries or
-/// bytes than one group takes: many clients' batches, or a follower's catch-up).
-fn group_chunks<'a, 'e>(wal: &Wal, all: &'a [WalEntry<'e>]) -> Vec<&'a [WalEntry<'e>]> {
-    let opts = wal.options();
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < all.len() {
-        let mut end = start;
-        let mut bytes = 0u64;
-        while end < all.len() && ((end - start) as u64) < opts.group_entries_max {
-            let b = raftwal_wal::frame_bytes(all[end].payload.len() as u64);
-            if end > start && bytes + b > opts.group_bytes_max {
-                break;
-            }
-            bytes += b;
-            end += 1;
-        }
-        out.push(&all[start..end]);
-        start = end;
-    }
-    out
-}
-
-/// Waits for queued WAL writes in Ready order and tells the driver, which meanwhile goes on.
-/// The WAL's group commit lets this thread write and sync everything queued at once.
-fn run_syncer(wal: Arc<Wal>, rx: Receiver<(u64, Option<Ticket>)>, driver: SyncSender<Event>) {
-    while let Ok((number, ticket)) = rx.recv() {
-        let result = match ticket {
-            Some(t) => wal.wait(t).map_err(|e| format!("wal write: {e}")),
-            None => Ok(()),
-        };
-        let failed = result.is_err();
-        // A blocking send: a durability report must never be dropped. The driver never waits
-        // for this thread, so this cannot deadlock.
-        if driver.send(Event::Persisted { number, result }).is_err() || failed {
-            return;
-        }
-    }
-}
-
-/// The first index of the batch that holds `index`, or `index` itself when it starts a batch,
-/// is a lone record or an internal entry. Batches have at most
-/// [`envelope::BATCH_RECORDS_MAX`] records, which bounds the look back.
-fn batch_head(wal: &Wal, index: LogIndex) -> Result<LogIndex, String> {
-    let from =
-        LogIndex(index.0.saturating_sub(envelope::BATCH_RECORDS_MAX).max(wal.first_index().0));
-    if from >= index || index > wal.last_index() {
-        return Ok(index);
-    }
-    let mut head = index;
-    let mut next = from;
-    while next < index {
-        let page = wal.read(next..index, 64 << 20).map_err(|e| format!("wal read: {e}"))?;
-        for rec in page {
-            next = rec.index().next();
-            let entry = store::entry_of(rec).map_err(|e| format!("wal read: {e}"))?;
-            if entry.kind != EntryKind::Normal {
-                head = index;
-                continue;
-            }
-            if let Ok(envelope::Payload::BatchHead { count, .. }) = envelope::decode(&entry.data)
-                && entry.index.0 + u64::from(count) > index.0
-            {
-                head = entry.index;
-            } else if !matches!(envelope::decode(&entry.data), Ok(envelope::Payload::Record(_))) {
-                head = index;
-            }
-        }
-    }
-    Ok(head)
 }
 
 /// Counts an append (and its bytes) in flight for as long as it lives.
@@ -1130,46 +863,5 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.shared.appends_inflight.fetch_sub(1, Ordering::Relaxed);
         self.shared.appends_inflight_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use raftwal_consensus::{Entry, Term};
-
-    #[test]
-    fn a_ready_larger_than_one_wal_group_is_written_in_several() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let opts = raftwal_wal::Options {
-            group_entries_max: 4,
-            group_bytes_max: 4096,
-            record_bytes_max: 3072,
-            ..Default::default()
-        };
-        let wal = Wal::open(dir.path(), opts).expect("open");
-        let entries: Vec<Entry> = (1..=25u64)
-            .map(|i| Entry {
-                term: Term(1),
-                index: LogIndex(i),
-                kind: EntryKind::Normal,
-                data: Bytes::from(vec![i as u8; if i == 7 { 3000 } else { 100 }]),
-            })
-            .collect();
-        let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
-        let all: Vec<WalEntry<'_>> = entries
-            .iter()
-            .zip(&payloads)
-            .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
-            .collect();
-        let chunks = group_chunks(&wal, &all);
-        assert!(chunks.len() >= 7, "{} chunks", chunks.len());
-        for chunk in chunks {
-            wal.append(chunk).expect("each chunk fits one group");
-        }
-        assert_eq!(wal.last_index(), LogIndex(25));
-        assert!(wal.stats().groups >= 7, "{} groups", wal.stats().groups);
-        let back = wal.entry(LogIndex(7)).expect("entry");
-        assert_eq!(back.payload().len(), 3001, "the kind byte and the data");
     }
 }
