@@ -11,7 +11,7 @@ use anyhow::Context;
 use parking_lot::RwLock;
 use raftwal_consensus::{Config, LogIndex, NodeId, RawNode, Restored, bootstrap};
 use raftwal_transport::{Identity, Transport, TransportConfig};
-use raftwal_wal::{Entry as WalEntry, Options as WalOptions, Wal};
+use raftwal_wal::{Options as WalOptions, Wal};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
@@ -91,12 +91,8 @@ impl Node {
             voters.push(id);
             voters.sort();
             let (entries, hs) = bootstrap(&voters);
-            let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
-            let wal_entries: Vec<WalEntry<'_>> = entries
-                .iter()
-                .zip(&payloads)
-                .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
-                .collect();
+            let batch = store::WalBatch::new(&entries);
+            let wal_entries = batch.entries();
             wal.append(&wal_entries).context("bootstrap: write the founding membership")?;
             wal.save_hard_state(hs).context("bootstrap: save the hard state")?;
             tracing::info!(?voters, "bootstrapped a new cluster");

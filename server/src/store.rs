@@ -17,7 +17,7 @@ use bytes::Bytes;
 use raftwal_consensus::{
     Entry, EntryKind, LogIndex, LogStart, LogStore, Membership, StoreError, Term,
 };
-use raftwal_wal::{Record, Wal};
+use raftwal_wal::{Entry as WalEntry, Record, Wal};
 
 use crate::envelope::{self, Addresses, Payload};
 
@@ -45,12 +45,38 @@ impl WalStore {
     }
 }
 
-/// Entry bytes as the WAL stores them.
-pub fn wal_payload(entry: &Entry) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + entry.data.len());
-    out.push(entry.kind as u8);
-    out.extend_from_slice(&entry.data);
-    out
+/// Consensus entries encoded as the WAL stores them (the kind byte, then the data), owned
+/// here so that the borrowed [`WalEntry`] views can be handed to the WAL.
+#[derive(Debug)]
+pub struct WalBatch {
+    heads: Vec<(Term, LogIndex)>,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl WalBatch {
+    /// Encodes `entries`.
+    pub fn new(entries: &[Entry]) -> WalBatch {
+        let heads = entries.iter().map(|e| (e.term, e.index)).collect();
+        let payloads = entries
+            .iter()
+            .map(|e| {
+                let mut out = Vec::with_capacity(1 + e.data.len());
+                out.push(e.kind as u8);
+                out.extend_from_slice(&e.data);
+                out
+            })
+            .collect();
+        WalBatch { heads, payloads }
+    }
+
+    /// The entries to append.
+    pub fn entries(&self) -> Vec<WalEntry<'_>> {
+        self.heads
+            .iter()
+            .zip(&self.payloads)
+            .map(|(&(term, index), payload)| WalEntry { term, index, payload })
+            .collect()
+    }
 }
 
 /// An entry read from the WAL, sharing its map.

@@ -11,12 +11,8 @@ impl Driver {
         wal: &Wal,
         entries: &[raftwal_consensus::Entry],
     ) -> Result<Ticket, String> {
-        let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
-        let all: Vec<WalEntry<'_>> = entries
-            .iter()
-            .zip(&payloads)
-            .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
-            .collect();
+        let batch = store::WalBatch::new(entries);
+        let all = batch.entries();
         let mut last = None;
         for chunk in group_chunks(wal, &all) {
             loop {
@@ -135,12 +131,8 @@ mod tests {
                 data: Bytes::from(vec![i as u8; if i == 7 { 3000 } else { 100 }]),
             })
             .collect();
-        let payloads: Vec<Vec<u8>> = entries.iter().map(store::wal_payload).collect();
-        let all: Vec<WalEntry<'_>> = entries
-            .iter()
-            .zip(&payloads)
-            .map(|(e, p)| WalEntry { term: e.term, index: e.index, payload: p })
-            .collect();
+        let batch = store::WalBatch::new(&entries);
+        let all = batch.entries();
         let chunks = group_chunks(&wal, &all);
         assert!(chunks.len() >= 7, "{} chunks", chunks.len());
         for chunk in chunks {
