@@ -8,8 +8,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use raftwal_consensus::NodeId;
-use raftwal_server::{Node, NodeConfig};
-use raftwal_transport::certs::ClusterCa;
+use raftwal_server::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Nodes started by the benchmark.
@@ -19,47 +18,20 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts `n` nodes on 127.0.0.1 with data under a temp dir in `parent`.
+    /// Starts `n` nodes on 127.0.0.1 with data under a temp dir in `parent`
+    /// (`raftwal_server::local::configs`).
     pub async fn start(n: u64, durability: &str, parent: &Path) -> anyhow::Result<LocalCluster> {
         raftwal_server::http::prometheus();
         std::fs::create_dir_all(parent)?;
         let dir = tempfile::tempdir_in(parent).context("temp dir for the local cluster")?;
-        let certs = dir.path().join("certs");
-        std::fs::create_dir_all(&certs)?;
-        let ca = ClusterCa::generate("bench CA")?;
-        std::fs::write(certs.join("ca.pem"), ca.cert_pem())?;
-        let mut peer_addrs = BTreeMap::new();
-        for id in 1..=n {
-            let b = ca.issue_node(NodeId(id), &["127.0.0.1".into()])?;
-            std::fs::write(certs.join(format!("node-{id}.pem")), b.cert_pem)?;
-            std::fs::write(certs.join(format!("node-{id}.key")), b.key_pem)?;
-            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
-            peer_addrs.insert(id, s.local_addr()?);
-        }
         let mut nodes = Vec::new();
-        for id in 1..=n {
-            let mut c = NodeConfig::defaults();
-            c.id = id;
-            c.data_dir = dir.path().join(format!("node-{id}"));
-            c.peer_listen = peer_addrs[&id];
-            c.api_listen = "127.0.0.1:0".parse()?;
-            c.http_listen = "127.0.0.1:0".parse()?;
-            c.peers = (1..=n)
-                .filter(|&p| p != id)
-                .map(|p| format!("{p}@{}@127.0.0.1:0", peer_addrs[&p]))
-                .collect();
-            c.tls_ca = certs.join("ca.pem");
-            c.tls_cert = certs.join(format!("node-{id}.pem"));
-            c.tls_key = certs.join(format!("node-{id}.key"));
-            c.client_plaintext = true;
+        for (_, mut c) in raftwal_server::local::configs(dir.path(), n, 0)? {
             c.durability = durability.to_string();
             nodes.push(Node::start(c).await?);
         }
         let addrs: Vec<(NodeId, String)> =
             nodes.iter().map(|n| (n.shared.id, n.api_addr.to_string())).collect();
-        for node in &nodes {
-            node.shared.api_addrs.write().extend(addrs.iter().cloned());
-        }
+        raftwal_server::local::share_api_addrs(&nodes, &addrs);
         Ok(LocalCluster { nodes, _dir: dir })
     }
 

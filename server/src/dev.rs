@@ -6,43 +6,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use raftwal_consensus::NodeId;
-use raftwal_transport::certs::ClusterCa;
+use raftwal_server::local;
 
 /// Where `raftwal dev` keeps everything, relative to the current directory.
 pub const DEV_DIR: &str = "raftwal-dev";
 /// The file the CLI reads to find the dev cluster.
 pub const CLUSTER_FILE: &str = "cluster.toml";
-
-/// Writes a CA, one certificate per node (naming `node-{id}.raftwal` plus `names`) and a
-/// client certificate into `dir`. Refuses to overwrite existing files.
-pub fn certs_init(dir: &Path, nodes: u64, names: &[String]) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    if dir.join("ca.pem").exists() {
-        bail!("{} already holds a CA; remove it first to make a new one", dir.display());
-    }
-    let ca = ClusterCa::generate("raftwal cluster CA")?;
-    write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
-    for id in 1..=nodes {
-        let bundle = ca.issue_node(NodeId(id), names)?;
-        write_file(&dir.join(format!("node-{id}.pem")), bundle.cert_pem.as_bytes())?;
-        write_file(&dir.join(format!("node-{id}.key")), bundle.key_pem.as_bytes())?;
-    }
-    let client = ca.issue_client("raftwal client")?;
-    write_file(&dir.join("client.pem"), client.cert_pem.as_bytes())?;
-    write_file(&dir.join("client.key"), client.key_pem.as_bytes())?;
-    Ok(())
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("write {}", path.display()))?;
-    #[cfg(unix)]
-    if path.extension().is_some_and(|e| e == "key") {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
-}
 
 /// The dev cluster's addresses for node `id` (1-based) on `host`.
 fn dev_ports(host: &str, id: u64) -> (String, String, String) {
@@ -57,7 +26,11 @@ fn dev_ports(host: &str, id: u64) -> (String, String, String) {
 pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
     let certs = dir.join("certs");
     if !certs.join("ca.pem").exists() {
-        certs_init(&certs, nodes, &["localhost".into(), "127.0.0.1".into(), host.to_string()])?;
+        local::certs_init(
+            &certs,
+            nodes,
+            &["localhost".into(), "127.0.0.1".into(), host.to_string()],
+        )?;
     }
     let abs = std::fs::canonicalize(dir)?;
     let mut endpoints = Vec::new();
@@ -82,7 +55,7 @@ pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
         );
         let path = dir.join(format!("node-{id}.toml"));
         if !path.exists() {
-            write_file(&path, config.as_bytes())?;
+            local::write_file(&path, config.as_bytes())?;
         }
     }
     let cluster = format!(
@@ -92,7 +65,7 @@ pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
         abs.join("certs/client.pem").display(),
         abs.join("certs/client.key").display(),
     );
-    write_file(&dir.join(CLUSTER_FILE), cluster.as_bytes())?;
+    local::write_file(&dir.join(CLUSTER_FILE), cluster.as_bytes())?;
     Ok(())
 }
 

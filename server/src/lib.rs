@@ -17,6 +17,7 @@ pub mod config;
 pub mod driver;
 pub mod envelope;
 pub mod http;
+pub mod local;
 pub mod node;
 pub mod state;
 pub mod store;

@@ -185,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Certs(CertsCommand::Init { dir, nodes, names }) => {
-            dev::certs_init(&dir, nodes, &names)?;
+            raftwal_server::local::certs_init(&dir, nodes, &names)?;
             outln!("wrote ca.pem, node-1..{nodes}.pem/.key, client.pem/.key to {}", dir.display());
             Ok(())
         }

@@ -34,10 +34,9 @@ async fn clients_need_the_cluster_ca_and_when_required_a_certificate_from_it() {
     let ca_pem = std::fs::read(certs.join("ca.pem")).expect("ca");
     let endpoints = vec![tls_endpoint(&c, leader)];
 
-    // Positive control: a certificate from the cluster CA. The test cluster keeps no CA key, so
-    // a node certificate (valid for client authentication, chained to the CA) is the identity.
-    let cert = std::fs::read(certs.join("node-1.pem")).expect("cert");
-    let key = std::fs::read(certs.join("node-1.key")).expect("key");
+    // Positive control: the client certificate the cluster CA issued.
+    let cert = std::fs::read(certs.join("client.pem")).expect("cert");
+    let key = std::fs::read(certs.join("client.key")).expect("key");
     let good = ClientConfig::new(endpoints.clone())
         .with_tls(ClientTls::new(ca_pem.clone()).with_identity(cert, key));
     append_via(good).await.expect("a client with a certificate from the cluster CA appends");

@@ -6,38 +6,17 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use raftwal_client::{Client, ClientConfig};
 use raftwal_consensus::{LogIndex, NodeId, Role};
 use raftwal_server::{Node, NodeConfig};
-use raftwal_transport::certs::ClusterCa;
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub configs: BTreeMap<u64, NodeConfig>,
     pub nodes: BTreeMap<u64, Node>,
-}
-
-pub fn free_udp() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    s.local_addr().expect("addr")
-}
-
-/// Writes a CA and node certificates 1..=n (plus client) into `dir`.
-pub fn certs(dir: &Path, n: u64) -> ClusterCa {
-    std::fs::create_dir_all(dir).expect("certs dir");
-    let ca = ClusterCa::generate("test CA").expect("ca");
-    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write");
-    for id in 1..=n {
-        let b =
-            ca.issue_node(NodeId(id), &["127.0.0.1".into(), "localhost".into()]).expect("issue");
-        std::fs::write(dir.join(format!("node-{id}.pem")), b.cert_pem).expect("write");
-        std::fs::write(dir.join(format!("node-{id}.key")), b.key_pem).expect("write");
-    }
-    ca
 }
 
 pub fn init_logging() {
@@ -62,31 +41,11 @@ impl Cluster {
         raftwal_server::http::prometheus();
         let dir = tempfile::tempdir().expect("tempdir");
         let certs_dir = dir.path().join("certs");
-        certs(&certs_dir, n + spare);
-        let addrs: BTreeMap<u64, SocketAddr> = (1..=n + spare).map(|id| (id, free_udp())).collect();
-        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let mut configs = BTreeMap::new();
-        for id in 1..=n + spare {
-            let mut c = NodeConfig::defaults();
-            c.id = id;
-            c.data_dir = dir.path().join(format!("node-{id}"));
-            c.peer_listen = addrs[&id];
-            c.api_listen = any;
-            c.http_listen = "127.0.0.1:0".parse().expect("addr");
-            c.peers = (1..=n)
-                .filter(|&p| p != id)
-                // Client addresses are not known yet; `start_node` tells every node once bound.
-                .map(|p| format!("{p}@{}@{any}", addrs[&p]))
-                .collect();
-            c.join = id > n;
-            c.tls_ca = certs_dir.join("ca.pem");
-            c.tls_cert = certs_dir.join(format!("node-{id}.pem"));
-            c.tls_key = certs_dir.join(format!("node-{id}.key"));
-            c.client_plaintext = true;
+        let mut configs = raftwal_server::local::configs(dir.path(), n, spare).expect("configs");
+        for c in configs.values_mut() {
             c.tick_ms = 20;
             c.segment_bytes = 4 << 20;
-            tweak(&certs_dir, &mut c);
-            configs.insert(id, c);
+            tweak(&certs_dir, c);
         }
         let mut cluster = Cluster { dir, configs, nodes: BTreeMap::new() };
         for id in 1..=n {
@@ -105,18 +64,13 @@ impl Cluster {
         cfg.api_listen = node.api_addr;
         self.nodes.insert(id, node);
         // Every running node learns every bound client address (for not-leader hints).
-        let known: Vec<(u64, SocketAddr)> = self
+        let known: Vec<(NodeId, String)> = self
             .configs
             .iter()
             .filter(|(_, c)| c.api_listen.port() != 0)
-            .map(|(&i, c)| (i, c.api_listen))
+            .map(|(&i, c)| (NodeId(i), c.api_listen.to_string()))
             .collect();
-        for node in self.nodes.values() {
-            let mut addrs = node.shared.api_addrs.write();
-            for (i, a) in &known {
-                addrs.insert(NodeId(*i), a.to_string());
-            }
-        }
+        raftwal_server::local::share_api_addrs(self.nodes.values(), &known);
     }
 
     /// Stops a node (its files stay).
