@@ -65,14 +65,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
-/// One Prometheus histogram summed over nodes: cumulative buckets, sum and count.
+/// One Prometheus histogram summed over nodes: cumulative buckets (by upper bound, in
+/// billionths, so they sort), sum and count.
 #[derive(Debug, Default, Clone)]
 pub struct Hist {
     pub buckets: BTreeMap<u64, f64>,
     pub sum: f64,
     pub count: f64,
-    /// Bucket bounds as f64, keyed by their bits (kept ordered by value).
-    bounds: BTreeMap<u64, f64>,
 }
 
 impl Hist {
@@ -88,9 +87,8 @@ impl Hist {
                 };
                 let bound =
                     if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
-                let key = ordered_key(bound);
-                *h.buckets.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
-                h.bounds.insert(key, bound);
+                *h.buckets.entry(bound_key(bound)).or_default() +=
+                    value.trim().parse::<f64>().unwrap_or(0.0);
             } else if let Some(v) = line.strip_prefix(&format!("{name}_sum")) {
                 h.sum += v.split_whitespace().last().and_then(|x| x.parse().ok()).unwrap_or(0.0);
             } else if let Some(v) = line.strip_prefix(&format!("{name}_count")) {
@@ -100,14 +98,19 @@ impl Hist {
         h
     }
 
+    /// Adds `sign` times `other` (1 to sum nodes, -1 to subtract an earlier reading).
+    fn add(&mut self, other: &Hist, sign: f64) {
+        for (k, v) in &other.buckets {
+            *self.buckets.entry(*k).or_default() += sign * v;
+        }
+        self.sum += sign * other.sum;
+        self.count += sign * other.count;
+    }
+
     /// This minus an earlier reading of the same nodes.
     pub fn since(&self, before: &Hist) -> Hist {
         let mut h = self.clone();
-        for (k, v) in &before.buckets {
-            *h.buckets.entry(*k).or_default() -= v;
-        }
-        h.sum -= before.sum;
-        h.count -= before.count;
+        h.add(before, -1.0);
         h
     }
 
@@ -121,13 +124,14 @@ impl Hist {
             return None;
         }
         let target = q * self.count;
-        self.buckets.iter().find(|(_, c)| **c >= target).map(|(k, _)| self.bounds[k])
+        let (&key, _) = self.buckets.iter().find(|(_, c)| **c >= target)?;
+        Some(if key == u64::MAX { f64::INFINITY } else { key as f64 / 1e9 })
     }
 }
 
-/// Maps a non-negative f64 to a key that sorts like it.
-fn ordered_key(v: f64) -> u64 {
-    if v.is_infinite() { u64::MAX } else { (v * 1e9) as u64 }
+/// A bucket's upper bound as a key that sorts like it (`+Inf` last).
+fn bound_key(bound: f64) -> u64 {
+    if bound.is_infinite() { u64::MAX } else { (bound * 1e9).round() as u64 }
 }
 
 /// The nodes' own figures over a run.
@@ -147,19 +151,10 @@ pub async fn read_node_metrics(addrs: &[SocketAddr]) -> (Hist, Hist) {
         let Ok(text) = http_get(a, "/metrics").await else { continue };
         let f = Hist::parse(&text, "raftwal_wal_fsync_duration_seconds");
         let g = Hist::parse(&text, "raftwal_wal_group_entries");
-        merge(&mut fsync, &f);
-        merge(&mut group, &g);
+        fsync.add(&f, 1.0);
+        group.add(&g, 1.0);
     }
     (fsync, group)
-}
-
-fn merge(into: &mut Hist, h: &Hist) {
-    for (k, v) in &h.buckets {
-        *into.buckets.entry(*k).or_default() += v;
-    }
-    into.bounds.extend(h.bounds.iter().map(|(k, v)| (*k, *v)));
-    into.sum += h.sum;
-    into.count += h.count;
 }
 
 /// Figures from metrics read before and after a run.
@@ -171,5 +166,39 @@ pub fn figures(before: &(Hist, Hist), after: &(Hist, Hist)) -> NodeFigures {
         fsync_p99_le_us: fsync.quantile_bound(0.99).map(|s| s * 1e6),
         fsyncs: fsync.count,
         group_entries_mean: group.mean(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_sum_label_sets_subtract_readings_and_find_quantile_buckets() {
+        let text = "\
+raftwal_wal_fsync_duration_seconds_bucket{node=\"1\",le=\"0.0001\"} 10
+raftwal_wal_fsync_duration_seconds_bucket{node=\"1\",le=\"0.001\"} 19
+raftwal_wal_fsync_duration_seconds_bucket{node=\"1\",le=\"+Inf\"} 20
+raftwal_wal_fsync_duration_seconds_sum{node=\"1\"} 0.01
+raftwal_wal_fsync_duration_seconds_count{node=\"1\"} 20
+raftwal_wal_fsync_duration_seconds_bucket{node=\"2\",le=\"0.0001\"} 0
+raftwal_wal_fsync_duration_seconds_bucket{node=\"2\",le=\"0.001\"} 0
+raftwal_wal_fsync_duration_seconds_bucket{node=\"2\",le=\"+Inf\"} 20
+raftwal_wal_fsync_duration_seconds_sum{node=\"2\"} 0.03
+raftwal_wal_fsync_duration_seconds_count{node=\"2\"} 20
+";
+        let h = Hist::parse(text, "raftwal_wal_fsync_duration_seconds");
+        assert_eq!((h.count, h.sum), (40.0, 0.04));
+        assert_eq!(h.quantile_bound(0.25), Some(0.0001));
+        assert_eq!(h.quantile_bound(0.45), Some(0.001));
+        assert_eq!(h.quantile_bound(0.99), Some(f64::INFINITY));
+        let d = h.since(&Hist::parse(
+            text.lines().take(5).collect::<Vec<_>>().join("\n").as_str(),
+            "raftwal_wal_fsync_duration_seconds",
+        ));
+        assert_eq!(d.count, 20.0);
+        let mean = d.mean().expect("samples");
+        assert!((mean - 0.0015).abs() < 1e-12, "{mean}");
+        assert_eq!(d.quantile_bound(0.5), Some(f64::INFINITY));
     }
 }

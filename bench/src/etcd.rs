@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
 mod pb {
@@ -18,6 +17,8 @@ mod pb {
 
 use pb::PutRequest;
 use pb::kv_client::KvClient;
+
+use crate::latency::{Latency, histogram};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -57,11 +58,8 @@ pub struct Report {
     pub seconds: f64,
     pub records_per_s: f64,
     pub mb_per_s: f64,
-    pub p50_us: f64,
-    pub p90_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub max_us: f64,
+    #[serde(flatten)]
+    pub latency: Latency,
     pub errors: u64,
 }
 
@@ -79,7 +77,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let hist = Arc::new(Mutex::new(histogram()));
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let mut kv = channels[c % conns].clone();
@@ -128,7 +126,6 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         t.abort();
     }
     let h = hist.lock().clone();
-    let q = |q: f64| h.value_at_quantile(q) as f64;
     Ok(Report {
         mode: "etcd-put",
         durability: "sync (etcd fsyncs its WAL before acknowledging)",
@@ -138,11 +135,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         seconds,
         records_per_s: n / seconds,
         mb_per_s: n * args.value_size as f64 / seconds / 1e6,
-        p50_us: q(0.5),
-        p90_us: q(0.9),
-        p99_us: q(0.99),
-        p999_us: q(0.999),
-        max_us: h.max() as f64,
+        latency: Latency::of(&h),
         errors: errors.load(Ordering::Relaxed),
     })
 }
@@ -159,8 +152,11 @@ pub fn print(r: &Report, json: bool) -> anyhow::Result<()> {
     println!("| puts/s | MB/s | p50 us | p90 us | p99 us | p99.9 us | max us | errors |");
     println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
-        r.records_per_s, r.mb_per_s, r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.max_us, r.errors
+        "| {:.0} | {:.1} | {} | {} |",
+        r.records_per_s,
+        r.mb_per_s,
+        r.latency.cells(),
+        r.errors
     );
     Ok(())
 }

@@ -24,6 +24,7 @@ use raftwal_client::{AppenderConfig, Client, ClientConfig, FollowEvent, Offset};
 use tokio_stream::StreamExt;
 
 use crate::cluster::{self, LocalCluster, NodeFigures};
+use crate::latency::{Latency, histogram, us};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -119,11 +120,8 @@ pub struct Report {
     pub records_per_s: f64,
     pub mb_per_s: f64,
     pub appends_per_s: f64,
-    pub p50_us: f64,
-    pub p90_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub max_us: f64,
+    #[serde(flatten)]
+    pub latency: Latency,
     pub errors: u64,
     pub follow_records_per_s: Option<f64>,
     pub e2e_p50_us: Option<f64>,
@@ -159,16 +157,11 @@ impl Shared {
     }
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
-
-/// A record: its send time (ns since the run's epoch) then filler.
+/// A record: its send time (ns since the run's epoch) then filler; at least 8 bytes.
 fn record(shared: &Shared, size: usize) -> Vec<u8> {
     let mut r = vec![0x5a; size.max(8)];
     let ns = shared.epoch.elapsed().as_nanos() as u64;
     r[..8].copy_from_slice(&ns.to_le_bytes());
-    r.truncate(size.max(8));
     r
 }
 
@@ -217,10 +210,12 @@ async fn measure(
     // Wait for a leader: one append must go through.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match probe.append([record_probe()]).await {
+        match probe.append([b"raftwal-bench probe".to_vec()]).await {
             Ok(_) => break,
             Err(e) if Instant::now() < deadline => {
-                tracing_like(&format!("waiting for a leader: {e}"));
+                if std::io::stderr().is_terminal() {
+                    eprintln!("waiting for a leader: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(e).context("no leader"),
@@ -313,7 +308,6 @@ async fn measure(
     }
     let h = shared.latency.lock().clone();
     let e2e = shared.e2e.lock().clone();
-    let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64;
     Ok(Report {
         mode: mode.name(),
         durability: args.durability.clone(),
@@ -328,28 +322,14 @@ async fn measure(
         records_per_s: records / seconds,
         mb_per_s: records * args.record_size as f64 / seconds / 1e6,
         appends_per_s: appends / seconds,
-        p50_us: q(&h, 0.5),
-        p90_us: q(&h, 0.9),
-        p99_us: q(&h, 0.99),
-        p999_us: q(&h, 0.999),
-        max_us: h.max() as f64,
+        latency: Latency::of(&h),
         errors: shared.errors.load(Ordering::Relaxed),
         follow_records_per_s: (mode != Mode::Append).then_some(followed / seconds),
-        e2e_p50_us: (mode != Mode::Append && !e2e.is_empty()).then(|| q(&e2e, 0.5)),
-        e2e_p99_us: (mode != Mode::Append && !e2e.is_empty()).then(|| q(&e2e, 0.99)),
+        e2e_p50_us: (mode != Mode::Append && !e2e.is_empty()).then(|| us(&e2e, 0.5)),
+        e2e_p99_us: (mode != Mode::Append && !e2e.is_empty()).then(|| us(&e2e, 0.99)),
         reads_per_s: (mode == Mode::Mixed).then_some(reads / seconds),
         node: cluster::figures(&before, &after),
     })
-}
-
-fn record_probe() -> Vec<u8> {
-    b"raftwal-bench probe".to_vec()
-}
-
-fn tracing_like(msg: &str) {
-    if std::io::stderr().is_terminal() {
-        eprintln!("{msg}");
-    }
 }
 
 fn batch(shared: &Shared, args: &Args) -> Vec<Vec<u8>> {
@@ -527,15 +507,11 @@ pub fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+        "| {:.0} | {:.1} | {:.0} | {} | {} |",
         report.records_per_s,
         report.mb_per_s,
         report.appends_per_s,
-        report.p50_us,
-        report.p90_us,
-        report.p99_us,
-        report.p999_us,
-        report.max_us,
+        report.latency.cells(),
         report.errors
     );
     if let Some(f) = report.follow_records_per_s {
@@ -590,6 +566,10 @@ mod tests {
         assert!(r.records_per_s > 0.0 && r.follow_records_per_s.is_some_and(|f| f > 0.0), "{r:?}");
         assert!(r.reads_per_s.is_some() && r.errors == 0, "{r:?}");
         assert_eq!(r.durability, "sync");
+        let json = serde_json::to_value(&r).expect("json");
+        for field in ["records_per_s", "mb_per_s", "p50_us", "p99_us", "durability"] {
+            assert!(json.get(field).is_some(), "--json lacks {field}: {json}");
+        }
         let r = run(
             Mode::Append,
             &args(&["--clients", "2", "--rate", "200", "--durability", "unsafe-no-sync"]),

@@ -13,6 +13,7 @@
 mod cluster;
 mod etcd;
 mod fsync;
+mod latency;
 mod load;
 mod transport;
 mod wal;

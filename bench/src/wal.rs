@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
+
+use crate::latency::{histogram, us};
 use raftwal_wal::{Durability, Entry, LogIndex, Options, Term, Wal, frame_bytes};
 use serde::Serialize;
 
@@ -58,14 +60,6 @@ struct Row {
     raw_fsync_p50_us: f64,
     ratio: f64,
     p50_vs_raw_fsync: f64,
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
-}
-
-fn us(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64
 }
 
 struct WalRun {
