@@ -288,15 +288,28 @@ struct Driver {
     read_waiters: BTreeMap<u64, (u64, IndexReply)>,
     next_read_context: u64,
     ticks: u64,
-    /// Readies whose writes are queued, in order, with the messages that wait for them.
-    pending: VecDeque<(u64, Vec<Message>)>,
+    /// Readies whose writes are queued, in order, with the messages that wait for them; at
+    /// most [`PENDING_WRITES_MAX`] (beyond, the driver waits for the WAL itself).
+    pending: VecDeque<PendingWrite>,
     /// Hands (Ready number, last WAL ticket) to the syncer thread.
-    syncer: std::sync::mpsc::Sender<(u64, Option<Ticket>)>,
+    syncer: std::sync::mpsc::Sender<(u64, Ticket)>,
     /// The last index handed to the WAL (durable or still queued).
     submitted_last: LogIndex,
     /// The last hard state a Ready reported, and whether its commit index is not saved yet.
     latest_hard_state: raftwal_consensus::HardState,
     commit_unsaved: bool,
+}
+
+/// Readies with writes the driver lets the syncer wait for at once.
+const PENDING_WRITES_MAX: usize = 4096;
+
+/// A Ready whose writes the syncer reports durable as `synced`; Readies without writes that
+/// came after it ride along (`advance_to`, their messages appended).
+#[derive(Debug)]
+struct PendingWrite {
+    synced: u64,
+    advance_to: u64,
+    messages: Vec<Message>,
 }
 
 /// Read barriers that may wait for a quorum at once; beyond, RESOURCE_EXHAUSTED.
@@ -728,14 +741,31 @@ impl Driver {
         // The entries become durable on the syncer thread (the WAL's group commit), while this
         // thread goes on stepping messages and proposing (thesis 10.2.1). `advance` and the
         // messages that promise durable state wait for it, in Ready order.
-        if ticket.is_none() && self.pending.is_empty() {
-            self.raw.advance(rd.number).map_err(|e| format!("advance: {e}"))?;
-            self.send_all(rd.persisted_messages);
-        } else {
-            self.pending.push_back((rd.number, rd.persisted_messages));
-            self.syncer
-                .send((rd.number, ticket))
-                .map_err(|_| "the syncer thread stopped".to_string())?;
+        match (ticket, self.pending.back_mut()) {
+            (None, None) => {
+                self.raw.advance(rd.number).map_err(|e| format!("advance: {e}"))?;
+                self.send_all(rd.persisted_messages);
+            }
+            (None, Some(last)) => {
+                // Nothing to write: durable as soon as the writes before it are.
+                last.advance_to = rd.number;
+                last.messages.extend(rd.persisted_messages);
+            }
+            (Some(ticket), _) => {
+                if self.pending.len() >= PENDING_WRITES_MAX {
+                    // The syncer is far behind: wait here until everything queued is durable.
+                    wal.flush().map_err(|e| format!("wal flush: {e}"))?;
+                    self.persisted(u64::MAX, Ok(()))?;
+                }
+                self.pending.push_back(PendingWrite {
+                    synced: rd.number,
+                    advance_to: rd.number,
+                    messages: rd.persisted_messages,
+                });
+                self.syncer
+                    .send((rd.number, ticket))
+                    .map_err(|_| "the syncer thread stopped".to_string())?;
+            }
         }
         if !rd.committed_entries.is_empty() {
             let shared = self.shared.clone();

@@ -31,16 +31,23 @@ impl Driver {
         Ok(last.expect("entries are not empty"))
     }
 
-    /// The syncer made Ready `number` (and every earlier one) durable.
+    /// The syncer made Ready `number` (and every earlier one) durable. A report for Readies
+    /// already advanced (the driver flushed the WAL itself) changes nothing.
     pub(super) fn persisted(
         &mut self,
         number: u64,
         result: Result<(), String>,
     ) -> Result<(), String> {
         result?;
-        self.raw.advance(number).map_err(|e| format!("advance: {e}"))?;
-        while self.pending.front().is_some_and(|(n, _)| *n <= number) {
-            let (_, messages) = self.pending.pop_front().expect("checked");
+        let mut advance_to = None;
+        let mut messages = Vec::new();
+        while self.pending.front().is_some_and(|p| p.synced <= number) {
+            let done = self.pending.pop_front().expect("checked");
+            advance_to = Some(done.advance_to);
+            messages.extend(done.messages);
+        }
+        if let Some(n) = advance_to {
+            self.raw.advance(n).map_err(|e| format!("advance: {e}"))?;
             self.send_all(messages);
         }
         Ok(())
@@ -89,16 +96,9 @@ pub(super) fn group_chunks<'a, 'e>(wal: &Wal, all: &'a [WalEntry<'e>]) -> Vec<&'
 
 /// Waits for queued WAL writes in Ready order and tells the driver, which meanwhile goes on.
 /// The WAL's group commit lets this thread write and sync everything queued at once.
-pub(super) fn run_syncer(
-    wal: Arc<Wal>,
-    rx: Receiver<(u64, Option<Ticket>)>,
-    driver: SyncSender<Event>,
-) {
+pub(super) fn run_syncer(wal: Arc<Wal>, rx: Receiver<(u64, Ticket)>, driver: SyncSender<Event>) {
     while let Ok((number, ticket)) = rx.recv() {
-        let result = match ticket {
-            Some(t) => wal.wait(t).map_err(|e| format!("wal write: {e}")),
-            None => Ok(()),
-        };
+        let result = wal.wait(ticket).map_err(|e| format!("wal write: {e}"));
         let failed = result.is_err();
         // A blocking send: a durability report must never be dropped. The driver never waits
         // for this thread, so this cannot deadlock.
