@@ -138,7 +138,7 @@ pub struct Shared {
     /// Their record bytes.
     pub appends_inflight_bytes: AtomicU64,
     /// Set with a message when the driver stopped on an error.
-    pub failure: RwLock<Option<String>>,
+    pub failure: watch::Sender<Option<String>>,
 }
 
 impl Shared {
@@ -379,7 +379,7 @@ pub fn run(parts: DriverParts) -> (Result<(), String>, Transport) {
     let _ = syncer_thread.join();
     if let Err(e) = &result {
         tracing::error!(error = %e, "the node's driver stopped");
-        *d.shared.failure.write() = Some(e.clone());
+        d.shared.failure.send_replace(Some(e.clone()));
     }
     let why = result.as_ref().err().cloned().unwrap_or_else(|| "shutdown".into());
     d.fail_all(&DriverError::Unknown(format!(

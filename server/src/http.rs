@@ -94,7 +94,7 @@ pub fn serve(
 }
 
 async fn livez(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    match shared.failure.read().clone() {
+    match shared.failure.borrow().clone() {
         None => (StatusCode::OK, "ok\n".to_string()),
         Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {e}\n")),
     }
@@ -106,7 +106,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         (s.leader, s.commit)
     };
     let readable = *shared.readable.borrow();
-    if shared.failure.read().is_some() {
+    if shared.failure.borrow().is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "failed\n".to_string())
     } else if leader.is_none() {
         (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".to_string())

@@ -140,7 +140,7 @@ impl Node {
             api_addrs: RwLock::new(BTreeMap::new()),
             appends_inflight: AtomicU64::new(0),
             appends_inflight_bytes: AtomicU64::new(0),
-            failure: RwLock::new(None),
+            failure: watch::Sender::new(None),
         });
         let (driver, rx) = driver::channel(DRIVER_QUEUE_EVENTS_MAX);
 
@@ -204,12 +204,9 @@ impl Node {
     /// message says why. The process should then exit: a node that cannot write must not go
     /// on serving.
     pub async fn failed(&self) -> String {
-        loop {
-            if let Some(e) = self.shared.failure.read().clone() {
-                return e;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let mut failure = self.shared.failure.subscribe();
+        let why = failure.wait_for(Option::is_some).await.map(|f| f.clone()).ok().flatten();
+        why.unwrap_or_else(|| "the driver is gone".to_string())
     }
 
     /// Stops the servers and the driver, and waits for them; the WAL closes with the last
