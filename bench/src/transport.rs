@@ -105,6 +105,35 @@ fn append(entries: usize, entry_bytes: usize) -> Message {
     }
 }
 
+/// One second of warm-up, then `seconds` measured: what a counter gained in the measured part.
+struct Window {
+    warmup_end: Instant,
+    end: Instant,
+    start: Option<(u64, Instant)>,
+}
+
+impl Window {
+    fn new(seconds: u64) -> Window {
+        let warmup_end = Instant::now() + Duration::from_secs(1);
+        Window { warmup_end, end: warmup_end + Duration::from_secs(seconds.max(1)), start: None }
+    }
+
+    /// Whether to go on sending; notes the counter when the warm-up ends.
+    fn running(&mut self, counter: &AtomicU64) -> bool {
+        let now = Instant::now();
+        if self.start.is_none() && now >= self.warmup_end {
+            self.start = Some((counter.load(Ordering::Relaxed), now));
+        }
+        now < self.end
+    }
+
+    /// (what the counter gained, seconds) since the warm-up ended.
+    fn gained(&self, counter: &AtomicU64) -> (f64, f64) {
+        let (start, from) = self.start.expect("the warm-up ends before the run");
+        ((counter.load(Ordering::Relaxed) - start) as f64, from.elapsed().as_secs_f64())
+    }
+}
+
 fn payload_bytes(msg: &Message) -> u64 {
     match &msg.body {
         MessageBody::App { entries, .. } => entries.iter().map(|e| e.data.len() as u64).sum(),
@@ -130,18 +159,8 @@ async fn measure_transport(
             counter.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let window = |start: u64, from: Instant| {
-        let msgs = (received.load(Ordering::Relaxed) - start) as f64;
-        let secs = from.elapsed().as_secs_f64();
-        (msgs / secs, msgs * payload_bytes(message) as f64 / secs / 1e6)
-    };
-    let warmup_end = Instant::now() + Duration::from_secs(1);
-    let end = warmup_end + Duration::from_secs(args.seconds);
-    let mut measuring: Option<(u64, Instant)> = None;
-    while Instant::now() < end {
-        if measuring.is_none() && Instant::now() >= warmup_end {
-            measuring = Some((received.load(Ordering::Relaxed), Instant::now()));
-        }
+    let mut window = Window::new(args.seconds);
+    while window.running(&received) {
         match tx_transport.send(message) {
             Ok(()) => {}
             Err(SendError::QueueFull { .. }) => {
@@ -150,8 +169,8 @@ async fn measure_transport(
             Err(e) => return Err(e.into()),
         }
     }
-    let (start, from) = measuring.expect("the warm-up ends before the run");
-    let (msgs_per_s, mb_per_s) = window(start, from);
+    let (msgs, secs) = window.gained(&received);
+    let (msgs_per_s, mb_per_s) = (msgs / secs, msgs * payload_bytes(message) as f64 / secs / 1e6);
     tx_transport.shutdown().await;
     rx_transport.shutdown().await;
     Ok(Side { msgs_per_s, mb_per_s })
@@ -189,18 +208,11 @@ async fn measure_raw(
     });
     let mut send = conn.open_uni().await?;
     let frame = Bytes::from(frame);
-    let warmup_end = Instant::now() + Duration::from_secs(1);
-    let end = warmup_end + Duration::from_secs(args.seconds);
-    let mut measuring: Option<(u64, Instant)> = None;
-    while Instant::now() < end {
-        if measuring.is_none() && Instant::now() >= warmup_end {
-            measuring = Some((received.load(Ordering::Relaxed), Instant::now()));
-        }
+    let mut window = Window::new(args.seconds);
+    while window.running(&received) {
         send.write_chunk(frame.clone()).await?;
     }
-    let (start, from) = measuring.expect("the warm-up ends before the run");
-    let bytes = (received.load(Ordering::Relaxed) - start) as f64;
-    let secs = from.elapsed().as_secs_f64();
+    let (bytes, secs) = window.gained(&received);
     let msgs_per_s = bytes / frame_len as f64 / secs;
     conn.close(quinn::VarInt::from_u32(0), b"done");
     client.wait_idle().await;
