@@ -1,40 +1,12 @@
 //! The values the client hands back: offsets, node ids, appended ranges, records and batches.
 
-use std::fmt;
 
 use bytes::Bytes;
 
 use crate::error::ClientError;
 use crate::proto;
 
-macro_rules! newtype_u64 {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(pub u64);
-
-        impl $name {
-            /// The raw value, as it travels on the wire.
-            pub const fn get(self) -> u64 {
-                self.0
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({})", stringify!($name), self.0)
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Display::fmt(&self.0, f)
-            }
-        }
-    };
-}
-
-newtype_u64!(
+raftwal_types::newtype_u64!(
     /// The position of a record in the log: the Raft index of the entry that holds it.
     ///
     /// Offsets increase strictly along the log but may skip (internal entries take an offset
@@ -42,10 +14,8 @@ newtype_u64!(
     Offset
 );
 
-newtype_u64!(
-    /// A cluster member's id.
-    NodeId
-);
+/// A cluster member's id (the id every raftwal crate uses).
+pub use raftwal_types::NodeId;
 
 impl Offset {
     /// The offset after this one (saturating: `u64::MAX` is never a real offset).

@@ -7,8 +7,10 @@
 
 #![forbid(unsafe_code)]
 
-use std::fmt;
 
+/// Defines a `u64` newtype with `get`, ordering, hashing, `Debug` as `Name(n)` and `Display`
+/// as the number: the shape of every domain integer here and in raftwal-client.
+#[macro_export]
 macro_rules! newtype_u64 {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -22,15 +24,15 @@ macro_rules! newtype_u64 {
             }
         }
 
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 write!(f, "{}({})", stringify!($name), self.0)
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Display::fmt(&self.0, f)
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                ::std::fmt::Display::fmt(&self.0, f)
             }
         }
     };
