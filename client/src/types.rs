@@ -1,6 +1,5 @@
 //! The values the client hands back: offsets, node ids, appended ranges, records and batches.
 
-
 use bytes::Bytes;
 
 use crate::error::ClientError;

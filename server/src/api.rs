@@ -594,6 +594,10 @@ impl Admin for Api {
             return Err(Status::invalid_argument("api_addr must be 1 to 255 bytes"));
         }
         let id = NodeId(r.node_id);
+        if self.shared.status.read().membership.members().contains(&id) {
+            // Its addresses would be replaced, and a voter demoted, by a typo.
+            return Err(Status::failed_precondition(format!("node {id} is already a member")));
+        }
         let addresses = Addresses { id, peer, api: r.api_addr };
         self.conf(ConfChange::Simple(ConfStep::AddLearner(id)), Some(addresses)).await
     }

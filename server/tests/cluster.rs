@@ -218,6 +218,9 @@ async fn a_learner_is_added_promoted_and_a_node_removed_while_appends_run() {
         .await
         .expect("add learner");
     assert!(m.members.iter().any(|x| x.id == NodeId(4) && x.kind == "learner"), "{m:?}");
+    // A typo naming an existing member is refused, not a demotion.
+    let again = client.add_learner(NodeId(1), &cfg.peer_listen.to_string(), "x:1").await;
+    assert!(again.is_err(), "adding member 1 again must fail: {again:?}");
     let m = client.promote(NodeId(4)).await.expect("promote");
     assert!(m.members.iter().any(|x| x.id == NodeId(4) && x.kind == "voter"), "{m:?}");
     let leader = c.leader().await;

@@ -7,7 +7,6 @@
 
 #![forbid(unsafe_code)]
 
-
 /// Defines a `u64` newtype with `get`, ordering, hashing, `Debug` as `Name(n)` and `Display`
 /// as the number: the shape of every domain integer here and in raftwal-client.
 #[macro_export]
