@@ -218,6 +218,12 @@ impl Api {
         }
     }
 
+    /// OUT_OF_RANGE (with the first offset) when `from` is below the log's start.
+    fn check_start(&self, from: LogIndex) -> Result<(), Status> {
+        let first = self.shared.state.read().start().max(self.shared.wal.first_index());
+        if from < first { Err(trimmed(from, first)) } else { Ok(()) }
+    }
+
     /// Records in `[from, ...)` up to the settled index and the limits.
     fn read_records(
         &self,
@@ -227,23 +233,9 @@ impl Api {
     ) -> Result<proto::ReadResponse, Status> {
         let wal = &self.shared.wal;
         let readable = *self.shared.readable.borrow();
-        let trimmed = |first: LogIndex| {
-            let mut md = MetadataMap::new();
-            md.insert(
-                "raftwal-first-offset",
-                first.0.to_string().parse().expect("digits are ASCII"),
-            );
-            Status::with_metadata(
-                Code::OutOfRange,
-                format!("offset {from} was trimmed; the log starts at {first}"),
-                md,
-            )
-        };
         let from = LogIndex(from.max(1));
-        let first = self.shared.state.read().start().max(wal.first_index());
-        if from < first {
-            return Err(trimmed(first));
-        }
+        self.check_start(from)?;
+        let trimmed = |first: LogIndex| trimmed(from, first);
         let max_records =
             if max_records == 0 { READ_RECORDS_DEFAULT } else { max_records.min(READ_RECORDS_MAX) };
         let max_bytes =
@@ -309,6 +301,17 @@ impl Api {
             }
         }
     }
+}
+
+/// The answer to a read below the log's start `first`.
+fn trimmed(from: LogIndex, first: LogIndex) -> Status {
+    let mut md = MetadataMap::new();
+    md.insert("raftwal-first-offset", first.0.to_string().parse().expect("digits are ASCII"));
+    Status::with_metadata(
+        Code::OutOfRange,
+        format!("offset {from} was trimmed; the log starts at {first}"),
+        md,
+    )
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -422,7 +425,7 @@ impl Log for Api {
         })?;
         let mut next = request.into_inner().from_offset.max(1);
         // Fail at once if the start is trimmed.
-        self.read_records(next, 1, 1)?;
+        self.check_start(LogIndex(next))?;
         let (tx, rx) = mpsc::channel(4);
         let api = self.clone();
         let mut readable = self.shared.readable.subscribe();
