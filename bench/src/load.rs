@@ -260,10 +260,14 @@ async fn measure(
         tasks.push(tokio::spawn(async move {
             match args.rate {
                 Some(rate) => {
-                    open_loop(client, shared, args.clone(), rate / args.clients as f64, c).await
+                    // Each client's share of the rate, its schedule offset within one interval.
+                    let interval = Duration::from_secs_f64(args.clients as f64 / rate.max(1e-3));
+                    let offset = interval.mul_f64(c as f64 / args.clients.max(1) as f64);
+                    let pace = Some((Instant::now() + offset, interval));
+                    pipelined(client, shared, args, pace).await
                 }
                 None if args.depth <= 1 => closed_loop_one(client, shared, args).await,
-                None => closed_loop_pipelined(client, shared, args).await,
+                None => pipelined(client, shared, args, None).await,
             }
         }));
     }
@@ -354,69 +358,32 @@ async fn closed_loop_one(client: Client, shared: Arc<Shared>, args: Args) {
     }
 }
 
-async fn closed_loop_pipelined(client: Client, shared: Arc<Shared>, args: Args) {
-    let Ok(appender) = client.appender(AppenderConfig { window: args.depth }) else {
+/// Appends over one AppendStream. Without `pace`, a closed loop: as fast as the window allows,
+/// each append timed from its send. With `pace` (the first due time, the interval), an open
+/// loop: each append is due at its slot and timed from then, not from when the window let it
+/// go, so a stall counts against every append it delayed.
+async fn pipelined(
+    client: Client,
+    shared: Arc<Shared>,
+    args: Args,
+    pace: Option<(Instant, Duration)>,
+) {
+    let window = if pace.is_some() { args.depth.max(64) } else { args.depth };
+    let Ok(appender) = client.appender(AppenderConfig { window }) else {
         shared.errors.fetch_add(1, Ordering::Relaxed);
         return;
     };
     // Answers come in order: one task awaits them as they come.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(args.depth as usize);
-    let waiter = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some((ticket, sent, n)) = rx.recv().await {
-                let ticket: raftwal_client::AppendTicket = ticket;
-                match ticket.await {
-                    Ok(_) => {
-                        let now = Instant::now();
-                        shared.acked(n, now - sent, now);
-                    }
-                    Err(_) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        })
-    };
-    while !shared.stop.load(Ordering::Relaxed) {
-        let records = batch(&shared, &args);
-        let n = records.len() as u64;
-        let sent = Instant::now();
-        match appender.send(records).await {
-            Ok(ticket) => {
-                if tx.send((ticket, sent, n)).await.is_err() {
-                    break;
-                }
-            }
-            Err(_) => {
-                shared.errors.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-    drop(tx);
-    let _ = waiter.await;
-}
-
-async fn open_loop(client: Client, shared: Arc<Shared>, args: Args, rate: f64, offset: usize) {
-    let Ok(appender) = client.appender(AppenderConfig { window: args.depth.max(64) }) else {
-        shared.errors.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-    // Spread the clients' schedules over one interval.
-    let start = Instant::now() + interval.mul_f64(offset as f64 / args.clients.max(1) as f64);
     let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<(raftwal_client::AppendTicket, Instant, u64)>(4096);
+        tokio::sync::mpsc::channel::<(raftwal_client::AppendTicket, Instant, u64)>(window as usize);
     let waiter = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            while let Some((ticket, due, n)) = rx.recv().await {
+            while let Some((ticket, timed_from, n)) = rx.recv().await {
                 match ticket.await {
                     Ok(_) => {
                         let now = Instant::now();
-                        // Timed from when it was due, not from when it could be sent.
-                        shared.acked(n, now - due, now);
+                        shared.acked(n, now - timed_from, now);
                     }
                     Err(_) => {
                         shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -427,19 +394,28 @@ async fn open_loop(client: Client, shared: Arc<Shared>, args: Args, rate: f64, o
     };
     let mut i: u64 = 0;
     while !shared.stop.load(Ordering::Relaxed) {
-        let due = start + interval.mul_f64(i as f64);
-        i += 1;
-        tokio::time::sleep_until(due.into()).await;
+        let timed_from = match pace {
+            Some((start, interval)) => {
+                let due = start + interval.mul_f64(i as f64);
+                i += 1;
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            None => Instant::now(),
+        };
         let records = batch(&shared, &args);
         let n = records.len() as u64;
         match appender.send(records).await {
             Ok(ticket) => {
-                if tx.send((ticket, due, n)).await.is_err() {
+                if tx.send((ticket, timed_from, n)).await.is_err() {
                     break;
                 }
             }
             Err(_) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
+                if pace.is_none() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         }
     }
