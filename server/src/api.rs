@@ -52,6 +52,7 @@ struct Limits {
 /// Starts the gRPC server on `listener` until `shutdown` turns true.
 pub fn serve(
     cfg: &NodeConfig,
+    pem: &crate::node::TlsPem,
     shared: Arc<Shared>,
     driver: DriverHandle,
     listener: tokio::net::TcpListener,
@@ -73,16 +74,10 @@ pub fn serve(
     let message_bytes_max = (cfg.request_bytes_max as usize).saturating_add(1 << 20);
     let mut builder = tonic::transport::Server::builder();
     if !cfg.client_plaintext {
-        let cert = std::fs::read(&cfg.tls_cert)
-            .with_context(|| format!("read {}", cfg.tls_cert.display()))?;
-        let key = std::fs::read(&cfg.tls_key)
-            .with_context(|| format!("read {}", cfg.tls_key.display()))?;
         let mut tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(cert, key));
+            .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key));
         if cfg.client_auth {
-            let ca = std::fs::read(&cfg.tls_ca)
-                .with_context(|| format!("read {}", cfg.tls_ca.display()))?;
-            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca));
         }
         builder = builder.tls_config(tls).context("client TLS configuration")?;
     }

@@ -42,16 +42,28 @@ pub struct Node {
 }
 
 /// Everything from the config that is read from disk first.
-fn load_identity(cfg: &NodeConfig) -> anyhow::Result<Identity> {
+/// The node's certificates as read from disk once, for the peer transport and the client API.
+#[derive(Debug)]
+pub struct TlsPem {
+    /// The cluster CA certificate.
+    pub ca: String,
+    /// This node's certificate.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
+}
+
+fn load_tls(cfg: &NodeConfig) -> anyhow::Result<TlsPem> {
     let read = |p: &std::path::Path, what: &str| {
         std::fs::read_to_string(p).with_context(|| {
             format!("cannot read the {what} {} (run `raftwal certs init`)", p.display())
         })
     };
-    let ca = read(&cfg.tls_ca, "CA certificate")?;
-    let cert = read(&cfg.tls_cert, "node certificate")?;
-    let key = read(&cfg.tls_key, "node key")?;
-    Identity::from_pem(&ca, &cert, &key).context("the node's TLS identity")
+    Ok(TlsPem {
+        ca: read(&cfg.tls_ca, "CA certificate")?,
+        cert: read(&cfg.tls_cert, "node certificate")?,
+        key: read(&cfg.tls_key, "node key")?,
+    })
 }
 
 impl Node {
@@ -59,7 +71,9 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
         cfg.validate()?;
         let id = NodeId(cfg.id);
-        let identity = load_identity(&cfg)?;
+        let pem = load_tls(&cfg)?;
+        let identity =
+            Identity::from_pem(&pem.ca, &pem.cert, &pem.key).context("the node's TLS identity")?;
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
             format!("cannot create the data directory {}", cfg.data_dir.display())
         })?;
@@ -184,8 +198,14 @@ impl Node {
             .context("spawn the driver thread")?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let api_task =
-            api::serve(&cfg, shared.clone(), driver.clone(), api_listener, shutdown_rx.clone())?;
+        let api_task = api::serve(
+            &cfg,
+            &pem,
+            shared.clone(),
+            driver.clone(),
+            api_listener,
+            shutdown_rx.clone(),
+        )?;
         let http_task = http::serve(shared.clone(), http_listener, shutdown_rx);
         tracing::info!(node = id.0, %api_addr, %http_addr, %peer_addr, "node started");
         Ok(Node {
