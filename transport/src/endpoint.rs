@@ -73,7 +73,13 @@ impl Lane {
 const STREAM_MAGIC: &[u8; 4] = b"RWP1";
 const STREAM_VERSION: u8 = 1;
 const STREAM_HEADER_BYTES: usize = 16;
-/// How long a peer may take to send a stream's header before the stream is refused.
+/// The lane byte of the acceptor's welcome stream: the first stream an acceptor opens, once it
+/// has identified the dialer. TLS 1.3 lets a client finish its handshake before the server has
+/// checked the client's certificate, so without it a dialer the acceptor refuses would count
+/// itself connected for a moment (and reset its backoff) on every attempt.
+const WELCOME_LANE: u8 = 0xff;
+/// How long a peer may take to send a stream's header (or its welcome) before the stream (or
+/// the connection) is refused.
 const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// QUIC application close codes.
@@ -478,6 +484,14 @@ async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>) {
             conn = attempt => conn,
             () = stopped(&shared, &peer) => return,
         };
+        // Connected only once the acceptor has identified us and said so.
+        let conn = match conn {
+            Some(conn) => tokio::select! {
+                welcomed = await_welcome(&conn, peer.id) => welcomed.then_some(conn),
+                () = stopped(&shared, &peer) => return,
+            },
+            None => None,
+        };
         match conn {
             Some(conn) => {
                 if connected_before {
@@ -551,6 +565,13 @@ async fn accept_loop(shared: Arc<Shared>) {
                 conn.close(quinn::VarInt::from_u32(CLOSE_UNKNOWN_PEER), b"unknown peer");
                 return;
             };
+            // The welcome is this connection's first stream from us, opened before the writers
+            // can open theirs, so it is the first stream the dialer accepts.
+            let welcome = open_stream_with_header(&conn, welcome_header(shared.id), 0).await;
+            if welcome.is_none_or(|mut stream| stream.finish().is_err()) {
+                conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"welcome not sent");
+                return;
+            }
             serve_connection(&shared, &peer, conn).await;
         });
     }
@@ -627,22 +648,52 @@ async fn read_stream(
     }
 }
 
-fn stream_header(lane: Lane, from: NodeId) -> [u8; STREAM_HEADER_BYTES] {
+fn header_bytes(lane: u8, from: NodeId) -> [u8; STREAM_HEADER_BYTES] {
     let mut header = [0u8; STREAM_HEADER_BYTES];
     header[..4].copy_from_slice(STREAM_MAGIC);
     header[4] = STREAM_VERSION;
-    header[5] = lane as u8;
+    header[5] = lane;
     header[8..].copy_from_slice(&from.0.to_le_bytes());
     header
 }
 
-fn parse_stream_header(header: &[u8; STREAM_HEADER_BYTES], expected: NodeId) -> Option<Lane> {
+fn stream_header(lane: Lane, from: NodeId) -> [u8; STREAM_HEADER_BYTES] {
+    header_bytes(lane as u8, from)
+}
+
+fn welcome_header(from: NodeId) -> [u8; STREAM_HEADER_BYTES] {
+    header_bytes(WELCOME_LANE, from)
+}
+
+/// The lane byte of a well-formed header from `expected`.
+fn parse_header(header: &[u8; STREAM_HEADER_BYTES], expected: NodeId) -> Option<u8> {
     if &header[..4] != STREAM_MAGIC || header[4] != STREAM_VERSION || header[6..8] != [0, 0] {
         return None;
     }
-    let lane = *LANES.get(header[5] as usize)?;
     let from = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-    (from == expected.0).then_some(lane)
+    (from == expected.0).then_some(header[5])
+}
+
+fn parse_stream_header(header: &[u8; STREAM_HEADER_BYTES], expected: NodeId) -> Option<Lane> {
+    LANES.get(parse_header(header, expected)? as usize).copied()
+}
+
+/// Whether the acceptor `peer` welcomed this connection: its first stream carries only a welcome
+/// header naming it. False if the connection closes first (the acceptor refused us) or nothing
+/// comes in time.
+async fn await_welcome(conn: &quinn::Connection, peer: NodeId) -> bool {
+    let welcome = async {
+        let mut recv = conn.accept_uni().await.ok()?;
+        let mut header = [0u8; STREAM_HEADER_BYTES];
+        recv.read_exact(&mut header).await.ok()?;
+        (parse_header(&header, peer)? == WELCOME_LANE).then_some(())
+    };
+    let welcomed =
+        matches!(tokio::time::timeout(STREAM_HEADER_TIMEOUT, welcome).await, Ok(Some(())));
+    if !welcomed {
+        conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no welcome");
+    }
+    welcomed
 }
 
 async fn write_lane(
@@ -655,34 +706,35 @@ async fn write_lane(
     let mut conn_rx = peer.conn.subscribe();
     let mut stream: Option<(usize, quinn::SendStream)> = None;
     loop {
-        let frame = tokio::select! {
-            frame = rx.recv() => frame,
-            () = stopped(&shared, &peer) => return,
-        };
-        let Some(frame) = frame else { return };
-        let len = frame.len() as u64;
-        // Wait for a connection; meanwhile the queue fills and senders are told the peer is
-        // unreachable.
+        // Wait for a connection before taking a frame, so that while the peer is away the queue
+        // holds exactly `queue_msgs_max` frames and senders are told the peer is unreachable.
         let conn = tokio::select! {
             conn = conn_rx.wait_for(Option::is_some) => conn.ok().and_then(|c| c.clone()),
             () = stopped(&shared, &peer) => return,
         };
-        if let Some(conn) = conn {
-            if stream.as_ref().is_none_or(|(id, _)| *id != conn.stable_id()) {
-                stream = open_stream(&conn, lane, shared.id).await.map(|s| (conn.stable_id(), s));
-            }
-            if let Some((_, send)) = stream.as_mut() {
-                let mut chunks: Vec<Bytes> = Vec::with_capacity(1 + frame.payloads.len());
-                chunks.push(frame.head);
-                chunks.extend(frame.payloads);
-                if send.write_all_chunks(&mut chunks).await.is_ok() {
-                    queue.metrics.sent_bytes.increment(len);
-                    queue.metrics.sent_msgs.increment(1);
-                } else {
-                    // The connection broke; Raft resends what matters. The next frame waits for
-                    // a new connection.
-                    stream = None;
-                }
+        let Some(conn) = conn else { return };
+        let frame = tokio::select! {
+            frame = rx.recv() => frame,
+            // The connection went or was replaced: wait for the current one first.
+            _ = conn_rx.changed() => continue,
+            () = stopped(&shared, &peer) => return,
+        };
+        let Some(frame) = frame else { return };
+        let len = frame.len() as u64;
+        if stream.as_ref().is_none_or(|(id, _)| *id != conn.stable_id()) {
+            stream = open_stream(&conn, lane, shared.id).await.map(|s| (conn.stable_id(), s));
+        }
+        if let Some((_, send)) = stream.as_mut() {
+            let mut chunks: Vec<Bytes> = Vec::with_capacity(1 + frame.payloads.len());
+            chunks.push(frame.head);
+            chunks.extend(frame.payloads);
+            if send.write_all_chunks(&mut chunks).await.is_ok() {
+                queue.metrics.sent_bytes.increment(len);
+                queue.metrics.sent_msgs.increment(1);
+            } else {
+                // The connection broke; Raft resends what matters. The next frame waits for
+                // a new connection.
+                stream = None;
             }
         }
         queue.queued_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -696,8 +748,16 @@ async fn open_stream(
     lane: Lane,
     from: NodeId,
 ) -> Option<quinn::SendStream> {
+    open_stream_with_header(conn, stream_header(lane, from), lane.priority()).await
+}
+
+async fn open_stream_with_header(
+    conn: &quinn::Connection,
+    header: [u8; STREAM_HEADER_BYTES],
+    priority: i32,
+) -> Option<quinn::SendStream> {
     let mut send = conn.open_uni().await.ok()?;
-    send.set_priority(lane.priority()).ok()?;
-    send.write_all(&stream_header(lane, from)).await.ok()?;
+    send.set_priority(priority).ok()?;
+    send.write_all(&header).await.ok()?;
     Some(send)
 }
