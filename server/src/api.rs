@@ -18,8 +18,9 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::config::NodeConfig;
-use crate::driver::{AppendOk, AppendReq, DriverError, DriverHandle, Event, InflightGuard, Shared};
+use crate::core::{AppendReq, Outcome, Reply, Request as NodeRequest, RequestError};
 use crate::envelope::{self, Addresses, ProducerSeq};
+use crate::shell::{DriverHandle, InflightGuard, Shared};
 use crate::store;
 
 const READ_RECORDS_DEFAULT: u32 = 1000;
@@ -106,10 +107,15 @@ pub fn serve(
     }))
 }
 
-fn status_of(shared: &Shared, e: DriverError) -> Status {
+/// A reply of the wrong kind for its request: a bug in the node, reported, never a panic.
+fn unexpected(reply: Reply) -> Status {
+    Status::internal(format!("the node answered with an unexpected reply: {reply:?}"))
+}
+
+fn status_of(shared: &Shared, e: RequestError) -> Status {
     let mut md = MetadataMap::new();
     let code = match &e {
-        DriverError::NotLeader { leader } => {
+        RequestError::NotLeader { leader } => {
             if let Some(l) = leader {
                 md.insert("raftwal-leader-id", l.0.to_string().parse().expect("digits are ASCII"));
             }
@@ -120,16 +126,16 @@ fn status_of(shared: &Shared, e: DriverError) -> Status {
             }
             Code::Unavailable
         }
-        DriverError::OffsetMismatch { next } => {
+        RequestError::OffsetMismatch { next } => {
             md.insert("raftwal-next-offset", next.0.to_string().parse().expect("digits are ASCII"));
             Code::FailedPrecondition
         }
-        DriverError::Overloaded(_) => Code::ResourceExhausted,
-        DriverError::Lost => Code::Aborted,
-        DriverError::StaleSequence { .. } => Code::FailedPrecondition,
-        DriverError::Invalid(_) => Code::InvalidArgument,
-        DriverError::Stopped(_) => Code::Unavailable,
-        DriverError::Unknown(_) => Code::Unknown,
+        RequestError::Overloaded(_) => Code::ResourceExhausted,
+        RequestError::Lost => Code::Aborted,
+        RequestError::StaleSequence { .. } => Code::FailedPrecondition,
+        RequestError::Invalid(_) => Code::InvalidArgument,
+        RequestError::Stopped(_) => Code::Unavailable,
+        RequestError::Unknown(_) => Code::Unknown,
     };
     Status::with_metadata(code, e.to_string(), md)
 }
@@ -171,7 +177,7 @@ impl Api {
     fn submit_append(
         &self,
         req: proto::AppendRequest,
-    ) -> Result<(oneshot::Receiver<Result<AppendOk, DriverError>>, InflightGuard), Status> {
+    ) -> Result<(oneshot::Receiver<Outcome>, InflightGuard), Status> {
         let bytes = self.check_append(&req)?;
         let (guard, appends, inflight_bytes) = InflightGuard::new(self.shared.clone(), bytes);
         if appends >= self.limits.appends_inflight_max {
@@ -182,30 +188,46 @@ impl Api {
                 "too many bytes of appends in flight on this node",
             ));
         }
-        let (reply, rx) = oneshot::channel();
-        let event = Event::Append(AppendReq {
+        let request = NodeRequest::Append(AppendReq {
             records: req.records.into_iter().map(Bytes::from).collect(),
             expected_next: req.expected_next_offset.map(LogIndex),
             producer: req.producer.map(|p| ProducerSeq { id: p.id, sequence: p.sequence }),
-            reply,
         });
-        self.driver.submit(event).map_err(|e| status_of(&self.shared, e))?;
-        Ok((rx, guard))
+        Ok((self.submit(request)?, guard))
+    }
+
+    /// Submits a request to the driver; the receiver gets its outcome.
+    fn submit(&self, request: NodeRequest) -> Result<oneshot::Receiver<Outcome>, Status> {
+        self.driver.request(request).map_err(|e| status_of(&self.shared, e))
+    }
+
+    /// Waits for the outcome of a request that answers with an index.
+    async fn index_outcome(
+        rx: oneshot::Receiver<Outcome>,
+        shared: &Shared,
+    ) -> Result<LogIndex, Status> {
+        match rx.await {
+            Ok(Ok(Reply::Index(index))) => Ok(index),
+            Ok(Ok(other)) => Err(unexpected(other)),
+            Ok(Err(e)) => Err(status_of(shared, e)),
+            Err(_) => Err(Status::unknown("the node stopped; the outcome is unknown")),
+        }
     }
 
     fn answer(
         &self,
-        r: Result<Result<AppendOk, DriverError>, oneshot::error::RecvError>,
+        r: Result<Outcome, oneshot::error::RecvError>,
         request_id: u64,
     ) -> Result<proto::AppendResponse, Status> {
         match r {
-            Ok(Ok(ok)) => Ok(proto::AppendResponse {
+            Ok(Ok(Reply::Appended(ok))) => Ok(proto::AppendResponse {
                 first_offset: ok.first.0,
                 last_offset: ok.last.0,
                 duplicate: ok.duplicate,
                 request_id,
                 error: None,
             }),
+            Ok(Ok(other)) => Err(unexpected(other)),
             Ok(Err(e)) => Err(status_of(&self.shared, e)),
             Err(_) => Err(Status::unknown(
                 "the node stopped before the append completed; its outcome is unknown",
@@ -215,7 +237,7 @@ impl Api {
 
     /// OUT_OF_RANGE (with the first offset) when `from` is below the log's start.
     fn check_start(&self, from: LogIndex) -> Result<(), Status> {
-        let first = self.shared.state.read().start().max(self.shared.wal.first_index());
+        let first = self.shared.view.read().start.max(self.shared.wal.first_index());
         if from < first { Err(trimmed(from, first)) } else { Ok(()) }
     }
 
@@ -245,11 +267,11 @@ impl Api {
                 let first = wal.first_index();
                 if next < first { trimmed(first) } else { Status::internal(format!("read: {e}")) }
             })?;
-            let state = self.shared.state.read();
-            if state.start() > next {
+            let view = self.shared.view.read().clone();
+            if view.start > next {
                 // The state moved past what was read (a trim or restart in between): what it
                 // says about those entries is gone, so they are not served.
-                return Err(trimmed(state.start()));
+                return Err(trimmed(view.start));
             }
             for rec in page {
                 if out.len() >= max_records as usize
@@ -260,7 +282,7 @@ impl Api {
                 let index = rec.index();
                 next = index.next();
                 let entry = store::entry_of(rec).map_err(|e| Status::internal(e.to_string()))?;
-                if entry.kind != raftwal_consensus::EntryKind::Normal || state.is_hidden(index) {
+                if entry.kind != raftwal_consensus::EntryKind::Normal || view.is_hidden(index) {
                     continue;
                 }
                 if let Some(data) = envelope::record_bytes(&entry.data) {
@@ -280,10 +302,10 @@ impl Api {
     /// A ReadIndex round: returns once this node has applied everything a quorum confirmed
     /// committed when the read arrived.
     async fn read_barrier(&self) -> Result<(), Status> {
-        let (reply, rx) = oneshot::channel();
-        self.driver.submit(Event::ReadIndex { reply }).map_err(|e| status_of(&self.shared, e))?;
+        let rx = self.submit(NodeRequest::ReadIndex)?;
         let index = match tokio::time::timeout(READ_BARRIER_TIMEOUT, rx).await {
-            Ok(Ok(Ok(index))) => index,
+            Ok(Ok(Ok(Reply::Index(index)))) => index,
+            Ok(Ok(Ok(other))) => return Err(unexpected(other)),
             Ok(Ok(Err(e))) => return Err(status_of(&self.shared, e)),
             Ok(Err(_)) => return Err(Status::unavailable("the node stopped")),
             Err(_) => return Err(Status::unavailable("no leader confirmed the read in time")),
@@ -340,7 +362,7 @@ impl Log for Api {
         let window = self.limits.append_stream_window as usize;
         let (pending_tx, mut pending_rx) = mpsc::channel::<(
             u64,
-            Result<(oneshot::Receiver<Result<AppendOk, DriverError>>, InflightGuard), Status>,
+            Result<(oneshot::Receiver<Outcome>, InflightGuard), Status>,
         )>(window);
         let (out_tx, out_rx) = mpsc::channel(window);
         let api = self.clone();
@@ -552,12 +574,9 @@ impl Api {
         change: ConfChange,
         addresses: Option<Addresses>,
     ) -> Result<Response<proto::MembershipResponse>, Status> {
-        let (reply, rx) = oneshot::channel();
-        self.driver
-            .submit(Event::ConfChange { change, addresses, reply })
-            .map_err(|e| status_of(&self.shared, e))?;
-        match rx.await {
-            Ok(Ok(index)) => {
+        let rx = self.submit(NodeRequest::ConfChange { change, addresses })?;
+        match Api::index_outcome(rx, &self.shared).await {
+            Ok(index) => {
                 // Answer once it is applied here, so the members listed include the change.
                 let mut readable = self.shared.readable.subscribe();
                 let _ = tokio::time::timeout(
@@ -568,8 +587,7 @@ impl Api {
                 let members = status_response(&self.shared, 0).members;
                 Ok(Response::new(proto::MembershipResponse { offset: index.0, members }))
             }
-            Ok(Err(e)) => Err(status_of(&self.shared, e)),
-            Err(_) => Err(Status::unknown("the node stopped; the outcome is unknown")),
+            Err(status) => Err(status),
         }
     }
 }
@@ -627,12 +645,10 @@ impl Admin for Api {
         request: Request<proto::TransferLeaderRequest>,
     ) -> Result<Response<proto::TransferLeaderResponse>, Status> {
         let to = NodeId(request.into_inner().to_node_id);
-        let (reply, rx) = oneshot::channel();
-        self.driver
-            .submit(Event::Transfer { to, reply })
-            .map_err(|e| status_of(&self.shared, e))?;
+        let rx = self.submit(NodeRequest::Transfer { to })?;
         match rx.await {
-            Ok(Ok(())) => {}
+            Ok(Ok(Reply::Done)) => {}
+            Ok(Ok(other)) => return Err(unexpected(other)),
             Ok(Err(e)) => return Err(status_of(&self.shared, e)),
             Err(_) => return Err(Status::unknown("the node stopped; the outcome is unknown")),
         }
@@ -651,16 +667,8 @@ impl Admin for Api {
         request: Request<proto::TrimRequest>,
     ) -> Result<Response<proto::TrimResponse>, Status> {
         let before = LogIndex(request.into_inner().before_offset);
-        let (reply, rx) = oneshot::channel();
-        self.driver
-            .submit(Event::Trim { before, reply })
-            .map_err(|e| status_of(&self.shared, e))?;
-        match rx.await {
-            Ok(Ok(_)) => Ok(Response::new(proto::TrimResponse {
-                first_offset: self.shared.wal.first_index().0,
-            })),
-            Ok(Err(e)) => Err(status_of(&self.shared, e)),
-            Err(_) => Err(Status::unknown("the node stopped; the outcome is unknown")),
-        }
+        let rx = self.submit(NodeRequest::Trim { before })?;
+        let first = Api::index_outcome(rx, &self.shared).await?;
+        Ok(Response::new(proto::TrimResponse { first_offset: first.0 }))
     }
 }

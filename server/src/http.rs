@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::api::status_response;
-use crate::driver::Shared;
+use crate::shell::Shared;
 
 /// Latency buckets in seconds, from 50 us to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[

@@ -1,25 +1,28 @@
 //! raftwal-server: the raftwal node and the `raftwal` command.
 //!
-//! What it is: a driver thread that owns the consensus state machine and turns its Readies
-//! into WAL writes and peer messages (`driver`), the replicated state of the log (`state`,
-//! `envelope`), the WAL as consensus's store (`store`), the gRPC client API (`api`), the HTTP
-//! admin port (`http`), configuration (`config`) and node startup (`node`). What it is not:
-//! consensus, the WAL or the transport themselves; those are their own crates.
+//! What it is: the node core, a deterministic state machine with no IO that owns the consensus
+//! state machine and everything derived from the log (`core`); the shell that feeds it events
+//! and carries out its actions on the WAL, the transport and the callers (`shell`); the
+//! encoding of the node's entries (`envelope`); the WAL as consensus's store and the log-start
+//! file (`store`); the gRPC client API (`api`), the HTTP admin port (`http`), configuration
+//! (`config`) and node startup (`node`). What it is not: consensus, the WAL or the transport
+//! themselves; those are their own crates.
 //!
-//! Data flow of an append: gRPC handler -> driver queue (bounded) -> `propose` -> Ready ->
-//! App messages out + WAL write/fsync -> quorum acknowledgements -> commit -> apply -> the
-//! handler's reply; readers wake on the settled index.
+//! Data flow of an append: gRPC handler -> the driver's queue (bounded) -> the core proposes ->
+//! Ready -> actions: App messages out + WAL write (fsync on the syncer) -> quorum
+//! acknowledgements -> commit -> apply -> a Reply action answers the handler; readers wake on
+//! the settled index.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;
-pub mod driver;
+pub mod core;
 pub mod envelope;
 pub mod http;
 pub mod local;
 pub mod node;
-pub mod state;
+pub mod shell;
 pub mod store;
 
 pub use config::NodeConfig;

@@ -15,8 +15,8 @@ use raftwal_wal::{Options as WalOptions, Wal};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use crate::driver::{self, DriverHandle, DriverParts, Shared};
-use crate::state::LogState;
+use crate::core::{CoreConfig, Members, NodeCore, ReadView};
+use crate::shell::{self, DriverFailure, DriverHandle, DriverParts, NodeStorage, Shared};
 use crate::store::{self, WalStore};
 use crate::{api, http};
 
@@ -36,7 +36,7 @@ pub struct Node {
     pub http_addr: SocketAddr,
     /// The bound peer address.
     pub peer_addr: SocketAddr,
-    driver_thread: Option<std::thread::JoinHandle<(Result<(), String>, Transport)>>,
+    driver_thread: Option<std::thread::JoinHandle<(Result<(), DriverFailure>, Transport)>>,
     shutdown: watch::Sender<bool>,
     servers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -121,7 +121,8 @@ impl Node {
             membership: start_membership.clone(),
             applied: first.prev(),
         };
-        let mut rc = Config::new(id, seed());
+        let seed = seed();
+        let mut rc = Config::new(id, seed);
         rc.election_ticks = cfg.election_ticks;
         rc.heartbeat_ticks = cfg.heartbeat_ticks;
         rc.uncommitted_bytes_max = cfg.uncommitted_bytes_max;
@@ -142,21 +143,30 @@ impl Node {
         let mut api_addrs: BTreeMap<NodeId, String> =
             peers.iter().map(|p| (p.id, p.api_addr.clone())).collect();
         api_addrs.extend(start_addresses.iter().map(|a| (a.id, a.api.clone())));
-        let mut log_state = LogState::new(first.prev(), cfg.producers_max as usize);
-        log_state.restore_addresses(start_addresses);
+        let members = Members::new(first.prev(), start_membership, start_addresses);
+        let core_config = CoreConfig {
+            id,
+            read_barrier_ticks: u64::from(cfg.election_ticks) * 2,
+            // Below 2^63, so the contexts of one incarnation never wrap.
+            read_context_start: seed >> 1,
+            producers_max: cfg.producers_max as usize,
+            writes_in_flight_max: shell::WRITES_IN_FLIGHT_MAX,
+        };
+        let status = raw.status();
+        let core = NodeCore::new(core_config, raw, members);
         let (readable_tx, _) = watch::channel(first.prev());
         let shared = Arc::new(Shared {
             id,
-            wal,
-            state: RwLock::new(log_state),
+            wal: wal.clone(),
+            view: RwLock::new(ReadView { start: first, hidden: Default::default() }),
             readable: readable_tx,
-            status: RwLock::new(raw.status()),
+            status: RwLock::new(status),
             api_addrs: RwLock::new(BTreeMap::new()),
             appends_inflight: AtomicU64::new(0),
             appends_inflight_bytes: AtomicU64::new(0),
             failure: watch::Sender::new(None),
         });
-        let (driver, rx) = driver::channel(DRIVER_QUEUE_EVENTS_MAX);
+        let (driver, rx) = shell::channel(DRIVER_QUEUE_EVENTS_MAX);
 
         let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
@@ -181,20 +191,18 @@ impl Node {
             }
         });
         let parts = DriverParts {
-            raw,
+            core,
+            storage: NodeStorage::new(wal, cfg.data_dir.clone()),
             shared: shared.clone(),
             transport,
             rx,
             handle: driver.clone(),
             tick: Duration::from_millis(cfg.tick_ms),
-            election_ticks: cfg.election_ticks,
-            data_dir: cfg.data_dir.clone(),
-            memberships: vec![(first.prev(), start_membership)],
             runtime: tokio::runtime::Handle::current(),
         };
         let driver_thread = std::thread::Builder::new()
             .name(format!("raftwal-driver-{}", id.0))
-            .spawn(move || driver::run(parts))
+            .spawn(move || shell::run(parts))
             .context("spawn the driver thread")?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -1,7 +1,8 @@
 //! The replicated state of the log, built by applying committed entries in order: which
-//! entries are records a reader may see, the producers' last sequences (deduplication), the
-//! nodes' addresses and the trims. Every node applies the same entries and so reaches the same
-//! state; after a restart the node rebuilds it by applying its log again from its start.
+//! entries are records a reader may see and the producers' last sequences (deduplication).
+//! Every node applies the same entries and so reaches the same state; after a restart the node
+//! rebuilds it by applying its log again from its start. (Addresses and membership have their
+//! one home in `members.rs`; this state only reports an applied address.)
 //!
 //! Batches: the records of one append take consecutive indexes and are applied as one. A batch
 //! whose records do not all reach the log (a leader change cut it short: another entry took the
@@ -12,14 +13,46 @@
 //! history a trim removed, so a node that restarts from a trimmed log (or restarts its log at
 //! a leader's start) serves exactly what the others serve. Trims never cut a batch
 //! (`batch_head`). Deduplication is the leader's: it answers a repeated producer sequence from
-//! this table (built from the log) and only then proposes; see `driver.rs`.
+//! this table (built from the log) and only then proposes; the rule is written once, on
+//! [`LogState::producer_check`].
+
+use std::sync::Arc;
 
 use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
-use raftwal_consensus::{EntryKind, LogIndex, NodeId};
+use raftwal_consensus::{EntryKind, LogIndex};
 
 use crate::envelope::{self, Addresses, Payload, ProducerSeq};
+
+/// What readers need of the state to serve records: the first index they may ask for and the
+/// record entries never served. Published by the shell whenever it changes (rarely: a broken
+/// batch, a trim, a log restart), so readers never wait on the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadView {
+    /// The first index readers may ask for.
+    pub start: LogIndex,
+    /// Ranges (first -> last, inclusive) of record entries never served.
+    pub hidden: Arc<BTreeMap<LogIndex, LogIndex>>,
+}
+
+impl ReadView {
+    /// Whether the record entry at `index` must not be served.
+    pub fn is_hidden(&self, index: LogIndex) -> bool {
+        self.hidden.range(..=index).next_back().is_some_and(|(_, &last)| last >= index)
+    }
+}
+
+/// What a producer's append is, given what the log has applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProducerCheck {
+    /// Not seen: propose it.
+    New,
+    /// Applied before at these offsets: answer them, propose nothing.
+    Duplicate { first: LogIndex, last: LogIndex },
+    /// Older than every sequence remembered for the producer: its outcome is unknown.
+    Stale,
+}
 
 /// What applying one entry settled.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +110,8 @@ pub struct LogState {
     /// The producers by the last index they appended, to forget the least recent first.
     producers_by_last: BTreeMap<LogIndex, u64>,
     producers_max: usize,
-    addresses: BTreeMap<NodeId, Addresses>,
+    /// Whether `start` or `hidden` changed since the last [`LogState::take_view`].
+    view_changed: bool,
 }
 
 impl LogState {
@@ -91,23 +125,22 @@ impl LogState {
             producers: BTreeMap::new(),
             producers_by_last: BTreeMap::new(),
             producers_max: producers_max.max(1),
-            addresses: BTreeMap::new(),
+            view_changed: true,
         }
     }
 
     /// Starts over after the log restarted at `applied + 1`: what the trimmed entries said is
-    /// gone, except the node addresses, which the log-start record keeps.
+    /// gone.
     pub fn restart(&mut self, applied: LogIndex) {
-        let addresses = std::mem::take(&mut self.addresses);
         *self = LogState::new(applied, self.producers_max);
-        self.addresses = addresses;
     }
 
-    /// Adds addresses kept with the log start (at startup, before applying anything).
-    pub fn restore_addresses(&mut self, addresses: impl IntoIterator<Item = Addresses>) {
-        for a in addresses {
-            self.addresses.insert(a.id, a);
+    /// The readers' view, if it changed since it was last taken.
+    pub fn take_view(&mut self) -> Option<ReadView> {
+        if !std::mem::take(&mut self.view_changed) {
+            return None;
         }
+        Some(ReadView { start: self.start, hidden: Arc::new(self.hidden.clone()) })
     }
 
     /// The last applied index.
@@ -124,24 +157,26 @@ impl LogState {
     }
 
     /// Whether the record entry at `index` (at or below `readable`) must not be served.
-    pub fn is_hidden(&self, index: LogIndex) -> bool {
+    #[cfg(test)]
+    fn is_hidden(&self, index: LogIndex) -> bool {
         self.hidden.range(..=index).next_back().is_some_and(|(_, &last)| last >= index)
     }
 
-    /// The addresses replicated so far.
-    pub fn addresses(&self) -> &BTreeMap<NodeId, Addresses> {
-        &self.addresses
-    }
-
-    /// The offsets of an applied producer sequence, if it is still remembered.
-    pub fn producer_offsets(&self, p: ProducerSeq) -> Option<(LogIndex, LogIndex)> {
-        self.producers.get(&p.id)?.offsets(p.sequence)
-    }
-
-    /// Whether `p` is older than every remembered sequence of its producer (its outcome, if
-    /// it ever committed, is forgotten).
-    pub fn producer_is_stale(&self, p: ProducerSeq) -> bool {
-        self.producers.get(&p.id).is_some_and(|s| p.sequence < s.recent.front().map_or(0, |r| r.0))
+    /// The dedup rule, the one place it is written: a producer's sequence whose batch the log
+    /// applied (among the last [`PRODUCER_SEQUENCES_MAX`] of that producer) is a duplicate and
+    /// gets the original offsets; one older than all of those is stale (its outcome is
+    /// forgotten); anything else is new. A sequence need not follow the previous one: gaps are
+    /// allowed, and a sequence at or below the latest applied one that is not remembered is
+    /// stale only when it is below the oldest remembered one.
+    pub fn producer_check(&self, p: ProducerSeq) -> ProducerCheck {
+        let Some(s) = self.producers.get(&p.id) else { return ProducerCheck::New };
+        if let Some((first, last)) = s.offsets(p.sequence) {
+            return ProducerCheck::Duplicate { first, last };
+        }
+        if p.sequence < s.recent.front().map_or(0, |r| r.0) {
+            return ProducerCheck::Stale;
+        }
+        ProducerCheck::New
     }
 
     /// Forgets hidden ranges below `before` (the log below it is gone). Trims never cut a
@@ -149,6 +184,7 @@ impl LogState {
     pub fn trimmed(&mut self, before: LogIndex) {
         self.hidden = self.hidden.split_off(&before);
         self.start = self.start.max(before);
+        self.view_changed = true;
     }
 
     /// The first index readers may ask for (they are told it when they ask below it).
@@ -201,7 +237,6 @@ impl LogState {
             }
             Ok(Payload::Address(a)) => {
                 let _ = self.break_open(index);
-                self.addresses.insert(a.id, a.clone());
                 Applied::Address(a)
             }
             Ok(Payload::Trim { before }) => {
@@ -258,6 +293,7 @@ impl LogState {
     fn hide(&mut self, first: LogIndex, last: LogIndex) {
         if first <= last {
             self.hidden.insert(first, last);
+            self.view_changed = true;
         }
     }
 }
@@ -314,17 +350,30 @@ mod tests {
         let mut s = LogState::new(LogIndex(0), 16);
         let p = ProducerSeq { id: 9, sequence: 1 };
         apply_all(&mut s, &encode_batch(&recs(2), Some(p)));
-        assert_eq!(s.producer_offsets(p), Some((LogIndex(1), LogIndex(2))));
+        assert_eq!(
+            s.producer_check(p),
+            ProducerCheck::Duplicate { first: LogIndex(1), last: LogIndex(2) }
+        );
         // A repeat that reached the log anyway is served; the original offsets stay.
         let again = apply_all(&mut s, &encode_batch(&recs(2), Some(p)));
         assert_eq!(again[1], Applied::Batch { first: LogIndex(3), last: LogIndex(4) });
         assert!(!s.is_hidden(LogIndex(3)));
-        assert_eq!(s.producer_offsets(p), Some((LogIndex(1), LogIndex(2))));
+        assert_eq!(
+            s.producer_check(p),
+            ProducerCheck::Duplicate { first: LogIndex(1), last: LogIndex(2) }
+        );
         for sequence in 2..2 + PRODUCER_SEQUENCES_MAX as u64 {
             apply_all(&mut s, &encode_batch(&recs(1), Some(ProducerSeq { id: 9, sequence })));
         }
-        assert_eq!(s.producer_offsets(p), None, "only the last sequences are remembered");
-        assert!(s.producer_offsets(ProducerSeq { id: 9, sequence: 2 }).is_some());
+        assert_eq!(
+            s.producer_check(p),
+            ProducerCheck::Stale,
+            "only the last sequences are remembered"
+        );
+        assert!(matches!(
+            s.producer_check(ProducerSeq { id: 9, sequence: 2 }),
+            ProducerCheck::Duplicate { .. }
+        ));
     }
 
     #[test]
@@ -333,10 +382,10 @@ mod tests {
         for id in 1..=3 {
             apply_all(&mut s, &encode_batch(&recs(1), Some(ProducerSeq { id, sequence: 1 })));
         }
-        assert_eq!(s.producer_offsets(ProducerSeq { id: 1, sequence: 1 }), None);
+        assert_eq!(s.producer_check(ProducerSeq { id: 1, sequence: 1 }), ProducerCheck::New);
         assert_eq!(
-            s.producer_offsets(ProducerSeq { id: 3, sequence: 1 }),
-            Some((LogIndex(3), LogIndex(3)))
+            s.producer_check(ProducerSeq { id: 3, sequence: 1 }),
+            ProducerCheck::Duplicate { first: LogIndex(3), last: LogIndex(3) }
         );
     }
 

@@ -1,0 +1,547 @@
+//! The node core: one Raft group's node as a deterministic state machine, with no IO.
+//!
+//! What it is: the owner of the [`RawNode`] and of everything replicated or derived from the
+//! log: which entries are records ([`LogState`]), the producer table, membership and addresses
+//! ([`Members`]), the log start and trims, and the waiters of every request ([`Waiters`]).
+//! What it is not: a thread, a clock, a lock, a socket or a file. Like quinn-proto under quinn,
+//! inputs go in through [`NodeCore::handle`] and actions come out of
+//! [`NodeCore::poll_action`]; the shell (`crate::shell`) does the IO, and the simulation
+//! (`examples/cluster-sim`) runs the same core over a simulated network, disk and clock.
+//!
+//! The core reads the log through consensus's [`raftwal_consensus::LogStore`] (the WAL, as
+//! [`WalStore`]); it never writes. Every write is an [`Action`], and the shell must carry out
+//! the actions in the order they come, each one before the next (a failed write is fatal: the
+//! shell stops the node). That order is what makes the core's bookkeeping true without
+//! waiting for results: a reply that follows a write in the action order reaches the client
+//! only after the write.
+//!
+//! The core is one group's; a process may host many (every message names its group).
+
+mod apply;
+mod log_state;
+mod members;
+mod ready;
+mod waiters;
+
+use std::collections::{BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use raftwal_consensus::{
+    ConfChange, Error as RaftError, HardState, LogIndex, LogStore, Message, NodeId, RawNode, Role,
+    Status, Term,
+};
+
+pub use log_state::{Applied, LogState, PRODUCER_SEQUENCES_MAX, ProducerCheck, ReadView};
+pub use members::Members;
+
+use crate::envelope::{self, Addresses, ProducerSeq};
+use crate::store::{StartRecord, WalStore};
+use ready::Writes;
+use waiters::Waiters;
+
+/// Identifies a request while the core works on it; the shell maps it to its caller.
+pub type RequestId = u64;
+
+/// What a client or an operator asks of the node.
+#[derive(Debug)]
+pub enum Request {
+    /// Append records.
+    Append(AppendReq),
+    /// A membership change, with the new node's addresses to replicate first.
+    ConfChange { change: ConfChange, addresses: Option<Addresses> },
+    /// Hand leadership to a voter.
+    Transfer { to: NodeId },
+    /// Discard the log below an index on every node.
+    Trim { before: LogIndex },
+    /// A read barrier: answered with the commit index a quorum confirmed.
+    ReadIndex,
+}
+
+/// One client append.
+#[derive(Debug)]
+pub struct AppendReq {
+    /// The records.
+    pub records: Vec<Bytes>,
+    /// The offset the first record must get.
+    pub expected_next: Option<LogIndex>,
+    /// The producer and sequence, for deduplication.
+    pub producer: Option<ProducerSeq>,
+}
+
+/// A committed append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOk {
+    /// The first record's offset.
+    pub first: LogIndex,
+    /// The last record's offset.
+    pub last: LogIndex,
+    /// The producer's sequence had committed before; these are the original offsets.
+    pub duplicate: bool,
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// An append committed.
+    Appended(AppendOk),
+    /// A membership change committed at this index, a trim left the log starting here, or a
+    /// read barrier confirmed this commit index.
+    Index(LogIndex),
+    /// A leadership transfer started.
+    Done,
+}
+
+/// Why the node could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// This node does not lead; the leader, if known.
+    #[error("not leader")]
+    NotLeader { leader: Option<NodeId> },
+    /// `expected_next_offset` did not match.
+    #[error("offset mismatch: the next offset is {next}")]
+    OffsetMismatch { next: LogIndex },
+    /// A limit was hit; retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
+    /// The append was not committed: a leader change replaced it.
+    #[error("the append was lost in a leader change; it did not commit")]
+    Lost,
+    /// The producer sequence is older than the ones remembered; its outcome is unknown.
+    #[error("producer sequence {sequence} is older than the sequences remembered for it")]
+    StaleSequence { sequence: u64 },
+    /// The request cannot be done.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The node is stopping or failed; nothing was proposed.
+    #[error("node stopped: {0}")]
+    Stopped(String),
+    /// The request may or may not have taken effect.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// A request's outcome.
+pub type Outcome = Result<Reply, RequestError>;
+
+/// Everything that happens to a node.
+#[derive(Debug)]
+pub enum Input {
+    /// A message from a peer.
+    Peer(Message),
+    /// A request to answer with [`Action::Reply`].
+    Request { id: RequestId, request: Request },
+    /// Every [`Action::Write`] up to and including `number` is durable.
+    Persisted { number: u64 },
+    /// A message to `to` could not be queued (`log_start`: it was a log restart).
+    Unreachable { to: NodeId, log_start: bool },
+    /// Time passed: one tick. `now_ms` is the shell's clock (simulated in the simulation).
+    Tick { now_ms: u64 },
+}
+
+/// How a log start moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartChange {
+    /// Discard the entries below the new start (a trim).
+    Compact,
+    /// Discard the whole log; it restarts empty at the new start (a follower behind the
+    /// leader's trimmed start).
+    Restart { prev_term: Term },
+}
+
+/// What the shell must do, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Queue a message to a peer; if it cannot be queued, feed back [`Input::Unreachable`].
+    Send(Message),
+    /// Discard the stored and queued entries from `from` on (a conflicting suffix).
+    Truncate { from: LogIndex },
+    /// Queue the entries for writing; feed back [`Input::Persisted`] with `number` once they
+    /// (and every earlier write) are durable.
+    Write { number: u64, entries: Vec<raftwal_consensus::Entry> },
+    /// Make every queued write durable now, before the next action (the queue of writes in
+    /// flight is at its bound).
+    Flush,
+    /// Save the hard state durably before the next action.
+    SaveHardState(HardState),
+    /// Move the log start durably, with the log-start file: first name both records, then
+    /// change the WAL, then name only the new one (a crash anywhere leaves a record that
+    /// matches the WAL's first index).
+    MoveStart { old: StartRecord, new: StartRecord, change: StartChange },
+    /// Answer a request.
+    Reply { id: RequestId, outcome: Outcome },
+    /// Every entry up to this index is settled and may be read.
+    PublishReadable(LogIndex),
+    /// The readers' view of the state changed.
+    PublishView(ReadView),
+    /// The node's status changed (role, leader, membership) or a tick passed.
+    PublishStatus(Box<Status>),
+    /// A node listens at these addresses: reach it there (and tell clients).
+    Reach(Addresses),
+    /// A node left the membership: stop reaching it.
+    Forget(NodeId),
+}
+
+/// A failure that stops the node: the log store failed, or consensus refused the node's own
+/// state.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct Fatal {
+    what: &'static str,
+    source: RaftError,
+}
+
+fn fatal(what: &'static str) -> impl FnOnce(RaftError) -> Fatal {
+    move |source| Fatal { what, source }
+}
+
+/// The core's settings.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// This node.
+    pub id: NodeId,
+    /// Ticks a read barrier may wait for its quorum before it is answered "not leader".
+    pub read_barrier_ticks: u64,
+    /// The first ReadIndex context of this incarnation. Contexts must never repeat across
+    /// restarts, or a peer's late answer to a barrier of the previous process could complete a
+    /// new one with a stale index; the shell derives it from a random seed.
+    pub read_context_start: u64,
+    /// The most producers the log state remembers.
+    pub producers_max: usize,
+    /// The most Readies with writes in flight before the core asks for a [`Action::Flush`].
+    pub writes_in_flight_max: usize,
+}
+
+/// Read barriers that may wait for a quorum at once; beyond, overload.
+const READ_WAITERS_MAX: usize = 16_384;
+
+/// The node core. See the module docs.
+pub struct NodeCore {
+    config: CoreConfig,
+    raw: RawNode<WalStore>,
+    log: LogState,
+    members: Members,
+    waiters: Waiters,
+    writes: Writes,
+    role: Role,
+    leader: Option<NodeId>,
+    /// The leader's first entry of its term: until it is applied, the producer table may miss
+    /// sequences an earlier leader committed, so producer appends wait.
+    term_start: LogIndex,
+    /// The first index of the log, as the core has moved it (the WAL follows once the shell
+    /// carried out the actions).
+    first_index: LogIndex,
+    ticks: u64,
+    next_read_context: u64,
+    /// The members of the last applied membership: a node that leaves it is forgotten.
+    reached: BTreeSet<NodeId>,
+    actions: VecDeque<Action>,
+}
+
+impl std::fmt::Debug for NodeCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCore").field("id", &self.config.id).finish_non_exhaustive()
+    }
+}
+
+impl NodeCore {
+    /// A core over `raw`, whose log starts with `members` (the membership at the log start and
+    /// the addresses kept with it) and whose saved hard state is `saved`.
+    pub fn new(config: CoreConfig, raw: RawNode<WalStore>, members: Members) -> NodeCore {
+        let store = raw.store();
+        let first_index = store.first_index();
+        let saved = store.wal().hard_state();
+        let submitted_last = store.last_index();
+        let log = LogState::new(first_index.prev(), config.producers_max);
+        let mut core = NodeCore {
+            next_read_context: config.read_context_start.max(1),
+            writes: Writes::new(saved, submitted_last, config.writes_in_flight_max),
+            config,
+            raw,
+            log,
+            members,
+            waiters: Waiters::default(),
+            role: Role::Follower,
+            leader: None,
+            term_start: LogIndex(0),
+            first_index,
+            ticks: 0,
+            reached: BTreeSet::new(),
+            actions: VecDeque::new(),
+        };
+        core.reached = core.members.current().members().into_iter().collect();
+        for a in core.members.addresses().values() {
+            core.actions.push_back(Action::Reach(a.clone()));
+        }
+        core.publish_view();
+        core.publish_status();
+        core
+    }
+
+    /// This node.
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// Handles one input; its effects come out of [`NodeCore::poll_action`].
+    pub fn handle(&mut self, input: Input) -> Result<(), Fatal> {
+        match input {
+            Input::Peer(msg) => {
+                if let Err(e) = self.raw.step(msg) {
+                    if matches!(e, RaftError::Store(_)) {
+                        return Err(fatal("log store")(e));
+                    }
+                    tracing::debug!(error = %e, "peer message refused");
+                }
+            }
+            Input::Request { id, request } => self.request(id, request)?,
+            Input::Persisted { number } => self.persisted(number)?,
+            Input::Unreachable { to, log_start } => {
+                if log_start {
+                    self.raw.report_log_start(to, false);
+                }
+                self.raw.report_unreachable(to);
+            }
+            Input::Tick { now_ms: _ } => {
+                self.raw.tick().map_err(fatal("tick"))?;
+                self.ticks += 1;
+                self.expire_reads();
+                self.save_commit();
+                self.publish_status();
+            }
+        }
+        Ok(())
+    }
+
+    /// The next action, or `None` when there is nothing to do until the next input. Takes the
+    /// next Ready from consensus when the actions of the last one are all out, so that the
+    /// shell has carried out one Ready's writes before the core reads the log for the next.
+    pub fn poll_action(&mut self) -> Result<Option<Action>, Fatal> {
+        while self.actions.is_empty() && self.raw.has_ready() {
+            let rd = self.raw.ready().map_err(fatal("ready"))?;
+            self.handle_ready(rd)?;
+        }
+        Ok(self.actions.pop_front())
+    }
+
+    /// The node is stopping (or failed): every request still waiting hears that its outcome is
+    /// unknown, and the commit index held back from the Readies is saved.
+    pub fn stop(&mut self, why: &str) {
+        self.save_commit();
+        self.fail_all(&RequestError::Unknown(format!(
+            "the node stopped ({why}) before the outcome was known"
+        )));
+    }
+
+    fn reply(&mut self, id: RequestId, outcome: Outcome) {
+        self.actions.push_back(Action::Reply { id, outcome });
+    }
+
+    fn publish_status(&mut self) {
+        self.actions.push_back(Action::PublishStatus(Box::new(self.raw.status())));
+    }
+
+    fn publish_view(&mut self) {
+        if let Some(view) = self.log.take_view() {
+            self.actions.push_back(Action::PublishView(view));
+        }
+    }
+
+    fn not_leader(&self) -> RequestError {
+        RequestError::NotLeader { leader: self.raw.leader() }
+    }
+
+    /// Maps a consensus refusal to the caller's error; a store failure is fatal.
+    fn refusal(&self, e: RaftError) -> Result<RequestError, Fatal> {
+        Ok(match e {
+            RaftError::Store(_) => return Err(fatal("log store")(e)),
+            RaftError::NotLeader { .. } => self.not_leader(),
+            RaftError::TransferInProgress { .. } => {
+                RequestError::Overloaded("leadership transfer in progress")
+            }
+            RaftError::UncommittedBytesExceeded { .. } => {
+                RequestError::Overloaded("too many uncommitted bytes at the leader")
+            }
+            RaftError::ConfChangePending { .. } => {
+                RequestError::Overloaded("another membership change is pending")
+            }
+            e => RequestError::Invalid(e.to_string()),
+        })
+    }
+
+    fn request(&mut self, id: RequestId, request: Request) -> Result<(), Fatal> {
+        match request {
+            Request::Append(req) => self.append(id, req),
+            Request::ConfChange { change, addresses } => self.conf_change(id, change, addresses),
+            Request::Transfer { to } => {
+                let outcome = match self.raw.transfer_leader(to) {
+                    Ok(()) => Ok(Reply::Done),
+                    Err(e) => Err(self.refusal(e)?),
+                };
+                self.reply(id, outcome);
+                Ok(())
+            }
+            Request::Trim { before } => self.trim(id, before),
+            Request::ReadIndex => self.read_index(id),
+        }
+    }
+
+    fn append(&mut self, id: RequestId, req: AppendReq) -> Result<(), Fatal> {
+        let AppendReq { records, expected_next, producer } = req;
+        if self.role != Role::Leader {
+            self.reply(id, Err(self.not_leader()));
+            return Ok(());
+        }
+        if let Some(p) = producer {
+            // Deduplication happens here, before anything is proposed, so a repeat never
+            // reaches the log (the log, not this table, decides what readers see).
+            if self.log.applied() < self.term_start {
+                let e = RequestError::Overloaded("a new leader is applying its log; retry shortly");
+                self.reply(id, Err(e));
+                return Ok(());
+            }
+            match self.log.producer_check(p) {
+                ProducerCheck::Duplicate { first, last } => {
+                    let ok = AppendOk { first, last, duplicate: true };
+                    self.reply(id, Ok(Reply::Appended(ok)));
+                    return Ok(());
+                }
+                ProducerCheck::Stale => {
+                    self.reply(id, Err(RequestError::StaleSequence { sequence: p.sequence }));
+                    return Ok(());
+                }
+                ProducerCheck::New => {}
+            }
+            if self.waiters.join_pending(p, id) {
+                // A retry while the original is in flight: one proposal, both answered.
+                return Ok(());
+            }
+        }
+        let next = self.raw.last_index().next();
+        if let Some(expected) = expected_next
+            && expected != next
+        {
+            self.reply(id, Err(RequestError::OffsetMismatch { next }));
+            return Ok(());
+        }
+        match self.raw.propose(envelope::encode_batch(&records, producer)) {
+            Ok(range) => {
+                let first = *range.start();
+                // An older waiter at this index belongs to an entry this leader's log replaced.
+                let replaced = self.waiters.finish_append(first);
+                self.answer_all(replaced, &Err(RequestError::Lost));
+                self.waiters.add_append(first, self.raw.term(), producer, id);
+            }
+            Err(e) => {
+                let e = self.refusal(e)?;
+                self.reply(id, Err(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_all(&mut self, ids: Vec<RequestId>, outcome: &Outcome) {
+        for id in ids {
+            self.reply(id, outcome.clone());
+        }
+    }
+
+    fn conf_change(
+        &mut self,
+        id: RequestId,
+        change: ConfChange,
+        addresses: Option<Addresses>,
+    ) -> Result<(), Fatal> {
+        if self.role != Role::Leader {
+            self.reply(id, Err(self.not_leader()));
+            return Ok(());
+        }
+        if self.waiters.has_queued_conf() {
+            let e = RequestError::Overloaded("another membership change is pending");
+            self.reply(id, Err(e));
+            return Ok(());
+        }
+        if let Err(why) = self.members.check_change(&change) {
+            let e = RequestError::Invalid(format!("membership change refused: {why}"));
+            self.reply(id, Err(e));
+            return Ok(());
+        }
+        match addresses {
+            // The addresses go first, so every member can reach the node once it is one.
+            Some(a) => match self.raw.propose(vec![envelope::encode_address(&a)]) {
+                Ok(range) => self.waiters.queue_conf(*range.start(), self.raw.term(), change, id),
+                Err(e) => {
+                    let e = self.refusal(e)?;
+                    self.reply(id, Err(e));
+                }
+            },
+            None => self.propose_conf(id, change)?,
+        }
+        Ok(())
+    }
+
+    fn propose_conf(&mut self, id: RequestId, change: ConfChange) -> Result<(), Fatal> {
+        match self.raw.propose_conf_change(&change) {
+            Ok(index) => self.waiters.add_conf(index, self.raw.term(), id),
+            Err(e) => {
+                let e = self.refusal(e)?;
+                self.reply(id, Err(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn trim(&mut self, id: RequestId, before: LogIndex) -> Result<(), Fatal> {
+        if self.role != Role::Leader {
+            self.reply(id, Err(self.not_leader()));
+            return Ok(());
+        }
+        let readable = self.log.readable();
+        if before > readable.next() {
+            let e = RequestError::Invalid(format!(
+                "cannot trim below {before}: only offsets up to {readable} are committed"
+            ));
+            self.reply(id, Err(e));
+            return Ok(());
+        }
+        match self.raw.propose(vec![envelope::encode_trim(before)]) {
+            Ok(range) => self.waiters.add_trim(*range.start(), self.raw.term(), id),
+            Err(e) => {
+                let e = self.refusal(e)?;
+                self.reply(id, Err(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn read_index(&mut self, id: RequestId) -> Result<(), Fatal> {
+        if self.waiters.reads_len() >= READ_WAITERS_MAX {
+            self.reply(id, Err(RequestError::Overloaded("too many read barriers waiting")));
+            return Ok(());
+        }
+        let context = self.next_read_context;
+        self.next_read_context = self.next_read_context.wrapping_add(1).max(1);
+        match self.raw.read_index(context) {
+            Ok(()) => self.waiters.add_read(context, self.ticks, id),
+            Err(e) => {
+                let e = self.refusal(e)?;
+                self.reply(id, Err(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// A read barrier unanswered for this long lost its request or its leader: the caller
+    /// hears so (and may retry) instead of waiting forever.
+    fn expire_reads(&mut self) {
+        let expired = self.waiters.expire_reads(self.ticks, self.config.read_barrier_ticks);
+        let e = Err(self.not_leader());
+        self.answer_all(expired, &e);
+    }
+
+    /// Answers every waiting request with `e`.
+    fn fail_all(&mut self, e: &RequestError) {
+        let ids = self.waiters.drain_all();
+        self.answer_all(ids, &Err(e.clone()));
+    }
+}
