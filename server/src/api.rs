@@ -20,8 +20,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::config::NodeConfig;
 use crate::core::{AppendReq, Outcome, Reply, Request as NodeRequest, RequestError};
 use crate::envelope::{self, Addresses, ProducerSeq};
+use crate::read;
 use crate::shell::{DriverHandle, InflightGuard, Shared};
-use crate::store;
 
 const READ_RECORDS_DEFAULT: u32 = 1000;
 const READ_RECORDS_MAX: u32 = 10_000;
@@ -237,7 +237,7 @@ impl Api {
 
     /// OUT_OF_RANGE (with the first offset) when `from` is below the log's start.
     fn check_start(&self, from: LogIndex) -> Result<(), Status> {
-        let first = self.shared.view.read().start.max(self.shared.wal.first_index());
+        let first = read::first_readable(&self.shared.wal, &self.shared.view.read());
         if from < first { Err(trimmed(from, first)) } else { Ok(()) }
     }
 
@@ -248,50 +248,33 @@ impl Api {
         max_records: u32,
         max_bytes: u32,
     ) -> Result<proto::ReadResponse, Status> {
-        let wal = &self.shared.wal;
         let readable = *self.shared.readable.borrow();
-        let from = LogIndex(from.max(1));
-        self.check_start(from)?;
-        let trimmed = |first: LogIndex| trimmed(from, first);
         let max_records =
             if max_records == 0 { READ_RECORDS_DEFAULT } else { max_records.min(READ_RECORDS_MAX) };
         let max_bytes =
             if max_bytes == 0 { READ_BYTES_DEFAULT } else { max_bytes.min(READ_BYTES_MAX) };
-        let mut out = Vec::new();
-        let mut next = from;
-        let mut bytes = 0u64;
-        while next <= readable && out.len() < max_records as usize && bytes < u64::from(max_bytes) {
-            let end = LogIndex((readable.0 + 1).min(next.0 + u64::from(max_records)));
-            let page = wal.read(next..end, u64::from(max_bytes) - bytes).map_err(|e| {
-                // A trim or a log restart may have moved the start since it was checked.
-                let first = wal.first_index();
-                if next < first { trimmed(first) } else { Status::internal(format!("read: {e}")) }
-            })?;
-            let view = self.shared.view.read().clone();
-            if view.start > next {
-                // The state moved past what was read (a trim or restart in between): what it
-                // says about those entries is gone, so they are not served.
-                return Err(trimmed(view.start));
-            }
-            for rec in page {
-                if out.len() >= max_records as usize
-                    || (bytes >= u64::from(max_bytes) && !out.is_empty())
-                {
-                    break;
-                }
-                let index = rec.index();
-                next = index.next();
-                let entry = store::entry_of(rec).map_err(|e| Status::internal(e.to_string()))?;
-                if entry.kind != raftwal_consensus::EntryKind::Normal || view.is_hidden(index) {
-                    continue;
-                }
-                if let Some(data) = envelope::record_bytes(&entry.data) {
-                    bytes += data.len() as u64;
-                    out.push(proto::Record { offset: index.0, data: data.to_vec() });
-                }
-            }
-        }
-        Ok(proto::ReadResponse { records: out, next_offset: next.0, commit_offset: readable.0 })
+        let page = read::read_page(
+            &self.shared.wal,
+            || self.shared.view.read().clone(),
+            readable,
+            LogIndex(from),
+            max_records as usize,
+            u64::from(max_bytes),
+        )
+        .map_err(read_status)?;
+        let records = page
+            .records
+            .into_iter()
+            .map(|(offset, data)| proto::Record { offset: offset.0, data: data.to_vec() })
+            .collect();
+        Ok(proto::ReadResponse { records, next_offset: page.next.0, commit_offset: readable.0 })
+    }
+}
+
+fn read_status(e: read::ReadError) -> Status {
+    match e {
+        read::ReadError::Trimmed { from, first } => trimmed(from, first),
+        e => Status::internal(e.to_string()),
     }
 }
 

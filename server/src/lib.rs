@@ -22,6 +22,7 @@ pub mod envelope;
 pub mod http;
 pub mod local;
 pub mod node;
+pub mod read;
 pub mod shell;
 pub mod store;
 

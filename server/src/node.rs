@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::NodeConfig;
 use crate::core::{CoreConfig, Members, NodeCore, ReadView};
+use crate::envelope::Addresses;
 use crate::shell::{self, DriverFailure, DriverHandle, DriverParts, NodeStorage, Shared};
 use crate::store::{self, WalStore};
 use crate::{api, http};
@@ -100,34 +101,28 @@ impl Node {
             tracing::warn!(?torn, "recovery cut a torn tail (an unacknowledged write)");
         }
         let peers = cfg.parsed_peers()?;
-        if wal.last_index() == LogIndex(0) && wal.hard_state().term.0 == 0 && !cfg.join {
+        if !cfg.join {
             let mut voters: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
             voters.push(id);
-            voters.sort();
-            let (entries, hs) = bootstrap(&voters);
-            let batch = store::WalBatch::new(&entries);
-            let wal_entries = batch.entries();
-            wal.append(&wal_entries).context("bootstrap: write the founding membership")?;
-            wal.save_hard_state(hs).context("bootstrap: save the hard state")?;
-            tracing::info!(?voters, "bootstrapped a new cluster");
+            bootstrap_if_new(&wal, &voters)?;
         }
         let wal = Arc::new(wal);
         let first = wal.first_index();
-        let start = store::read_log_start(&cfg.data_dir, first)?;
-        let start_membership = start.as_ref().map(|r| r.membership.clone()).unwrap_or_default();
-        let start_addresses = start.map(|r| r.addresses).unwrap_or_default();
-        let restored = Restored {
-            hard_state: wal.hard_state(),
-            membership: start_membership.clone(),
-            applied: first.prev(),
-        };
         let seed = seed();
         let mut rc = Config::new(id, seed);
         rc.election_ticks = cfg.election_ticks;
         rc.heartbeat_ticks = cfg.heartbeat_ticks;
         rc.uncommitted_bytes_max = cfg.uncommitted_bytes_max;
-        let raw = RawNode::new(rc, restored, WalStore::new(wal.clone(), start_membership.clone()))
-            .context("refusing to start: the persisted state is inconsistent")?;
+        let core_config = CoreConfig {
+            id,
+            read_barrier_ticks: u64::from(cfg.election_ticks) * 2,
+            // Below 2^63, so the contexts of one incarnation never wrap.
+            read_context_start: seed >> 1,
+            producers_max: cfg.producers_max as usize,
+            writes_in_flight_max: shell::WRITES_IN_FLIGHT_MAX,
+            planted: None,
+        };
+        let (core, start_addresses) = recover_core(wal.clone(), &cfg.data_dir, rc, core_config)?;
 
         let mut tc = TransportConfig::new(id, cfg.peer_listen, identity);
         for p in &peers {
@@ -143,17 +138,7 @@ impl Node {
         let mut api_addrs: BTreeMap<NodeId, String> =
             peers.iter().map(|p| (p.id, p.api_addr.clone())).collect();
         api_addrs.extend(start_addresses.iter().map(|a| (a.id, a.api.clone())));
-        let members = Members::new(first.prev(), start_membership, start_addresses);
-        let core_config = CoreConfig {
-            id,
-            read_barrier_ticks: u64::from(cfg.election_ticks) * 2,
-            // Below 2^63, so the contexts of one incarnation never wrap.
-            read_context_start: seed >> 1,
-            producers_max: cfg.producers_max as usize,
-            writes_in_flight_max: shell::WRITES_IN_FLIGHT_MAX,
-        };
-        let status = raw.status();
-        let core = NodeCore::new(core_config, raw, members);
+        let status = core.status();
         let (readable_tx, _) = watch::channel(first.prev());
         let shared = Arc::new(Shared {
             id,
@@ -259,6 +244,47 @@ impl Node {
             }
         }
     }
+}
+
+/// Writes the founding membership of `voters` into the WAL of a node that has never run (an
+/// empty log and no term). Returns whether it did.
+pub fn bootstrap_if_new(wal: &Wal, voters: &[NodeId]) -> anyhow::Result<bool> {
+    if wal.last_index() != LogIndex(0) || wal.hard_state().term.0 != 0 {
+        return Ok(false);
+    }
+    let mut voters = voters.to_vec();
+    voters.sort();
+    voters.dedup();
+    let (entries, hs) = bootstrap(&voters);
+    let batch = store::WalBatch::new(&entries);
+    wal.append(&batch.entries()).context("bootstrap: write the founding membership")?;
+    wal.save_hard_state(hs).context("bootstrap: save the hard state")?;
+    tracing::info!(?voters, "bootstrapped a new cluster");
+    Ok(true)
+}
+
+/// Recovers a node's core from its WAL and its log-start file in `data_dir`: the membership
+/// and addresses as of the log start, consensus's hard state, and a log state to be rebuilt by
+/// applying the log again. Returns the core and the addresses kept with the log start.
+pub fn recover_core(
+    wal: Arc<Wal>,
+    data_dir: &std::path::Path,
+    raft: Config,
+    core: CoreConfig,
+) -> anyhow::Result<(NodeCore, Vec<Addresses>)> {
+    let first = wal.first_index();
+    let start = store::read_log_start(data_dir, first)?;
+    let start_membership = start.as_ref().map(|r| r.membership.clone()).unwrap_or_default();
+    let start_addresses = start.map(|r| r.addresses).unwrap_or_default();
+    let restored = Restored {
+        hard_state: wal.hard_state(),
+        membership: start_membership.clone(),
+        applied: first.prev(),
+    };
+    let raw = RawNode::new(raft, restored, WalStore::new(wal, start_membership.clone()))
+        .context("refusing to start: the persisted state is inconsistent")?;
+    let members = Members::new(first.prev(), start_membership, start_addresses.clone());
+    Ok((NodeCore::new(core, raw, members), start_addresses))
 }
 
 /// Starts the transport, retrying for up to 3 s while its address is still held: a node

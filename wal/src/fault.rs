@@ -262,13 +262,13 @@ impl FaultStorage {
     /// Makes the `n`-th `sync_data` from now (0 = the next one) fail with an IO error.
     pub fn fail_sync_after(&self, n: u64) {
         let mut fs = self.fs();
-        fs.fail_sync_at = Some(fs.syncs + n);
+        fs.fail_sync_at = Some(fs.syncs.saturating_add(n));
     }
 
     /// Makes the `n`-th `write_at` from now (0 = the next one) fail with an IO error.
     pub fn fail_write_after(&self, n: u64) {
         let mut fs = self.fs();
-        fs.fail_write_at = Some(fs.writes + n);
+        fs.fail_write_at = Some(fs.writes.saturating_add(n));
     }
 
     /// The disk a crash right now would leave.

@@ -210,6 +210,37 @@ pub struct CoreConfig {
     pub producers_max: usize,
     /// The most Readies with writes in flight before the core asks for a [`Action::Flush`].
     pub writes_in_flight_max: usize,
+    /// A known bug to plant, so the simulation can show its checker catches it. `None` in every
+    /// real node; nothing outside the simulation sets it.
+    #[doc(hidden)]
+    pub planted: Option<PlantedBug>,
+}
+
+/// Bugs the simulation plants to prove its checker can fail.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Acknowledge an append once the leader's own write is durable, before a quorum has it.
+    AckBeforeQuorum,
+    /// Propose every producer append, even a sequence already applied or in flight.
+    SkipDedup,
+    /// Let readers see entries the leader wrote before they commit.
+    ServeUncommitted,
+}
+
+impl std::str::FromStr for PlantedBug {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PlantedBug, String> {
+        match s {
+            "ack-before-quorum" => Ok(PlantedBug::AckBeforeQuorum),
+            "skip-dedup" => Ok(PlantedBug::SkipDedup),
+            "serve-uncommitted" => Ok(PlantedBug::ServeUncommitted),
+            _ => Err(format!(
+                "unknown bug {s:?}: ack-before-quorum, skip-dedup or serve-uncommitted"
+            )),
+        }
+    }
 }
 
 /// Read barriers that may wait for a quorum at once; beyond, overload.
@@ -281,6 +312,11 @@ impl NodeCore {
     /// This node.
     pub fn id(&self) -> NodeId {
         self.config.id
+    }
+
+    /// Consensus's status now.
+    pub fn status(&self) -> Status {
+        self.raw.status()
     }
 
     /// Handles one input; its effects come out of [`NodeCore::poll_action`].
@@ -392,7 +428,9 @@ impl NodeCore {
             self.reply(id, Err(self.not_leader()));
             return Ok(());
         }
-        if let Some(p) = producer {
+        if let Some(p) = producer
+            && self.config.planted != Some(PlantedBug::SkipDedup)
+        {
             // Deduplication happens here, before anything is proposed, so a repeat never
             // reaches the log (the log, not this table, decides what readers see).
             if self.log.applied() < self.term_start {
@@ -430,7 +468,8 @@ impl NodeCore {
                 // An older waiter at this index belongs to an entry this leader's log replaced.
                 let replaced = self.waiters.finish_append(first);
                 self.answer_all(replaced, &Err(RequestError::Lost));
-                self.waiters.add_append(first, self.raw.term(), producer, id);
+                let last = *range.end();
+                self.waiters.add_append(first, last, self.raw.term(), producer, id);
             }
             Err(e) => {
                 let e = self.refusal(e)?;

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 
 use raftwal_consensus::{HardState, LogIndex, Message, Ready, Role};
 
-use super::{Action, Fatal, NodeCore, RequestError, fatal};
+use super::{Action, Fatal, NodeCore, PlantedBug, RequestError, fatal};
 
 /// A Ready whose writes become durable with write number `synced`; Readies without writes that
 /// came after it ride along (`advance_to`, their messages appended).
@@ -137,6 +137,10 @@ impl NodeCore {
             self.publish_view();
             self.actions.push_back(Action::PublishReadable(self.log.readable()));
         }
+        if self.config.planted == Some(PlantedBug::ServeUncommitted) {
+            let written = self.writes.durable_last.max(self.log.readable());
+            self.actions.push_back(Action::PublishReadable(written));
+        }
         Ok(())
     }
 
@@ -178,6 +182,12 @@ impl NodeCore {
         if let Some(n) = advance_to {
             self.raw.advance(n).map_err(fatal("advance"))?;
             self.actions.extend(messages.into_iter().map(Action::Send));
+        }
+        if self.config.planted == Some(PlantedBug::AckBeforeQuorum) && self.role == Role::Leader {
+            for (first, last, ids) in self.waiters.take_appends_through(self.writes.durable_last) {
+                let ok = super::AppendOk { first, last, duplicate: false };
+                self.answer_all(ids, &Ok(super::Reply::Appended(ok)));
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use super::RequestId;
 use crate::envelope::ProducerSeq;
 
 struct AppendWaiter {
+    last: LogIndex,
     term: Term,
     producer: Option<ProducerSeq>,
     ids: Vec<RequestId>,
@@ -51,11 +52,12 @@ impl Waiters {
     pub fn add_append(
         &mut self,
         first: LogIndex,
+        last: LogIndex,
         term: Term,
         producer: Option<ProducerSeq>,
         id: RequestId,
     ) {
-        self.appends.insert(first, AppendWaiter { term, producer, ids: vec![id] });
+        self.appends.insert(first, AppendWaiter { last, term, producer, ids: vec![id] });
         if let Some(p) = producer {
             self.pending_producers.insert(p, first);
         }
@@ -91,6 +93,23 @@ impl Waiters {
             return self.finish_append(index);
         }
         Vec::new()
+    }
+
+    /// The appends whose entries end at or before `durable`, removed: (first, last, who waits).
+    /// Only the planted bug `AckBeforeQuorum` answers appends from this.
+    pub fn take_appends_through(
+        &mut self,
+        durable: LogIndex,
+    ) -> Vec<(LogIndex, LogIndex, Vec<RequestId>)> {
+        let firsts: Vec<LogIndex> =
+            self.appends.iter().filter(|(_, w)| w.last <= durable).map(|(&f, _)| f).collect();
+        firsts
+            .into_iter()
+            .map(|first| {
+                let last = self.appends[&first].last;
+                (first, last, self.finish_append(first))
+            })
+            .collect()
     }
 
     pub fn add_conf(&mut self, index: LogIndex, term: Term, id: RequestId) {
