@@ -38,8 +38,8 @@ type Reply = oneshot::Sender<Result<Appended, ClientError>>;
 /// order they enter it (when one [`send`](Appender::send) returns before another starts, the
 /// first gets the lower sequence). The driver writes them to the stream in that order and, after
 /// any failure, writes all unanswered ones again in that order with the same sequences, on one
-/// new stream. With the server's rule that a producer sequence at or below its latest applied
-/// one is never applied again, this gives:
+/// new stream. With the server's producer rule ([`crate::dedup`]: a producer sequence at or
+/// below its latest applied one is never applied again), this gives:
 ///
 /// - **At most once, in send order.** An append is in the log at most once, and if appends A and
 ///   B of this appender are both in the log and A was sent first, A's offsets are below B's.

@@ -34,9 +34,12 @@
 //! retry of it reuses its sequence, so when an earlier attempt committed and only its answer was
 //! lost, the server answers with the original offsets and `duplicate = true` instead of
 //! appending again. The server applies a producer's sequence only when it is above the last one
-//! it applied; so a producer's records land in sequence order, and an append reported as
+//! it applied (the producer rule, written once in [`dedup`] and used by the server); so a
+//! producer's records land in sequence order, and an append reported as
 //! [`ClientError::UnknownOutcome`] is either in the log before every later append of its
-//! producer or never will be.
+//! producer or never will be. A sequence below the latest applied one that was never applied is
+//! refused (FAILED_PRECONDITION, out of order), and one older than the last 64 the server
+//! remembers is refused as stale (its outcome unknown).
 //!
 //! A [`Client`] sends its own appends one at a time (clones share its producer). For many in
 //! flight, use an [`Appender`] (one stream, a bounded window, its own producer); its ordering
@@ -50,6 +53,7 @@ mod backoff;
 mod call;
 mod client;
 mod config;
+pub mod dedup;
 mod error;
 mod follow;
 mod router;

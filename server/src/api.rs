@@ -132,7 +132,9 @@ fn status_of(shared: &Shared, e: RequestError) -> Status {
         }
         RequestError::Overloaded(_) => Code::ResourceExhausted,
         RequestError::Lost => Code::Aborted,
-        RequestError::StaleSequence { .. } => Code::FailedPrecondition,
+        RequestError::StaleSequence { .. } | RequestError::OutOfOrder { .. } => {
+            Code::FailedPrecondition
+        }
         RequestError::Invalid(_) => Code::InvalidArgument,
         RequestError::Stopped(_) => Code::Unavailable,
         RequestError::Unknown(_) => Code::Unknown,

@@ -1,8 +1,9 @@
 //! An in-process fake raftwal node for the client's tests: the real generated gRPC services on
 //! 127.0.0.1:0, a log shared by the nodes of one fake cluster, and scripted faults.
 //!
-//! The fake applies the same producer rule as the real server (a sequence at or below the
-//! producer's last applied one is a duplicate), but remembers the offsets of every sequence.
+//! The fake applies the producer rule with the real server's own code
+//! (`raftwal_client::dedup`): a remembered sequence is a duplicate with its original offsets, a
+//! sequence below the latest applied one otherwise is refused (out of order, or stale).
 
 #![allow(dead_code)]
 
@@ -58,8 +59,7 @@ pub struct FakeLog {
     pub records: Vec<proto::Record>,
     pub first_offset: u64,
     pub next_offset: u64,
-    last_sequence: HashMap<u64, u64>,
-    offsets: HashMap<(u64, u64), (u64, u64)>,
+    producers: HashMap<u64, raftwal_client::dedup::ProducerWindow>,
     pub seen: Vec<Seen>,
     committed: watch::Sender<u64>,
 }
@@ -83,8 +83,7 @@ impl FakeLog {
             records: Vec::new(),
             first_offset: 1,
             next_offset: 1,
-            last_sequence: HashMap::new(),
-            offsets: HashMap::new(),
+            producers: HashMap::new(),
             seen: Vec::new(),
             committed: watch::channel(1).0,
         };
@@ -114,11 +113,18 @@ impl FakeLog {
             request_id: request.request_id,
             error: None,
         };
-        if let Some(p) = request.producer
-            && self.last_sequence.get(&p.id).is_some_and(|&last| p.sequence <= last)
-        {
-            let (first, last) = self.offsets.get(&(p.id, p.sequence)).copied().unwrap_or((0, 0));
-            return Ok(answer(first, last, true));
+        if let Some(p) = request.producer {
+            use raftwal_client::dedup::{SequenceCheck, check};
+            match check(self.producers.get(&p.id), p.sequence) {
+                SequenceCheck::New => {}
+                SequenceCheck::Duplicate { first, last } => return Ok(answer(first, last, true)),
+                refused => {
+                    return Err(Status::failed_precondition(format!(
+                        "producer sequence {} refused: {refused:?}",
+                        p.sequence
+                    )));
+                }
+            }
         }
         if request.records.is_empty() {
             return Err(Status::invalid_argument("an empty append"));
@@ -138,8 +144,13 @@ impl FakeLog {
         }
         let last = self.next_offset - 1;
         if let Some(p) = request.producer {
-            self.last_sequence.insert(p.id, p.sequence);
-            self.offsets.insert((p.id, p.sequence), (first, last));
+            match self.producers.get_mut(&p.id) {
+                Some(w) => w.record(p.sequence, first, last),
+                None => {
+                    let w = raftwal_client::dedup::ProducerWindow::new(p.sequence, first, last);
+                    self.producers.insert(p.id, w);
+                }
+            }
         }
         self.committed.send_replace(self.next_offset);
         Ok(answer(first, last, false))

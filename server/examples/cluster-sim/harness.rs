@@ -134,6 +134,23 @@ struct Client {
     followed: Vec<(LogIndex, Bytes)>,
 }
 
+/// A pipelined producer, like the client's Appender: up to `window` appends in flight on one
+/// stream, sequences in send order; after any failure it sends every unanswered append again,
+/// in order, with the same sequences.
+struct Streamer {
+    producer: u64,
+    window: usize,
+    next_sequence: u64,
+    node: NodeId,
+    /// Unanswered appends in sequence order: (op, sequence, request id of the live attempt).
+    pending: VecDeque<(usize, u64, Option<u64>)>,
+    /// The stream broke: resend everything pending at `next_ms`.
+    broken: bool,
+    next_ms: u64,
+    /// When the oldest attempt in flight times out.
+    deadline_ms: u64,
+}
+
 struct Net {
     /// (deliver at, sequence) -> message
     queue: BTreeMap<(u64, u64), Message>,
@@ -152,6 +169,9 @@ struct Sim {
     nodes: Vec<SimNode>,
     net: Net,
     clients: Vec<Client>,
+    streamers: Vec<Streamer>,
+    /// Request id -> (streamer, op).
+    stream_requests: HashMap<u64, (usize, usize)>,
     ops: Vec<Op>,
     next_request: u64,
     history: Vec<String>,
@@ -227,6 +247,19 @@ impl Sim {
             nodes,
             net,
             clients,
+            streamers: (0..2)
+                .map(|k| Streamer {
+                    producer: 200 + k,
+                    window: 2 + (k as usize) * 6,
+                    next_sequence: 1,
+                    node: NodeId(1),
+                    pending: VecDeque::new(),
+                    broken: false,
+                    next_ms: 0,
+                    deadline_ms: 0,
+                })
+                .collect(),
+            stream_requests: HashMap::new(),
             ops: Vec::new(),
             next_request: 1,
             history: Vec::new(),
@@ -330,6 +363,9 @@ impl Sim {
             }
             for c in 0..self.clients.len() {
                 self.step_client(c);
+            }
+            for k in 0..self.streamers.len() {
+                self.step_streamer(k);
             }
         }
     }
@@ -699,6 +735,10 @@ impl Sim {
     }
 
     fn reply(&mut self, id: u64, outcome: Outcome) {
+        if let Some((k, op)) = self.stream_requests.remove(&id) {
+            self.stream_reply(k, op, outcome);
+            return;
+        }
         let Some(op) = self.requests.remove(&id) else { return };
         let c = self.ops[op].client as usize;
         if self.clients[c].current.is_some_and(|(o, ..)| o == op) {
@@ -756,7 +796,10 @@ impl Sim {
         self.log(line);
         self.ops[op].done_ms = Some(self.now);
         self.ops[op].result = Some(result);
-        self.clients[c].next_ms = self.clients[c].next_ms.max(self.now + 1 + self.rng.below(4));
+        // Clients pause before their next op; pipelined producers (ids from 200) do not.
+        if let Some(client) = self.clients.get_mut(c) {
+            client.next_ms = client.next_ms.max(self.now + 1 + self.rng.below(4));
+        }
     }
 
     /// The client's follower of the log reads on from where it stopped, on its node.
@@ -784,6 +827,105 @@ impl Sim {
         }
         if self.rng.below(200) == 0 {
             self.clients[c].follow_node = NodeId(1 + self.rng.below(self.opts.nodes));
+        }
+    }
+
+    // ---- pipelined producers ----
+
+    fn step_streamer(&mut self, k: usize) {
+        let now = self.now;
+        let st = &mut self.streamers[k];
+        let in_flight = st.pending.iter().any(|p| p.2.is_some());
+        if in_flight && now >= st.deadline_ms {
+            st.broken = true;
+            st.next_ms = now + 5;
+        }
+        if st.broken {
+            if now < st.next_ms {
+                return;
+            }
+            // A new stream: every unanswered append again, in order.
+            st.broken = false;
+            let ops: Vec<usize> = st.pending.iter().map(|p| p.0).collect();
+            for p in st.pending.iter_mut() {
+                p.2 = None;
+            }
+            for op in ops {
+                self.stream_send(k, op);
+            }
+            return;
+        }
+        if st.pending.len() < st.window && now >= st.next_ms && now + 500 < END_MS {
+            let seq = st.next_sequence;
+            st.next_sequence += 1;
+            let producer = st.producer;
+            let records = vec![Bytes::from(format!("p{producer}-s{seq}-r0"))];
+            let kind = OpKind::Append {
+                records,
+                producer: Some(ProducerSeq { id: producer, sequence: seq }),
+                expected: None,
+            };
+            let op = self.new_op(producer, kind);
+            self.streamers[k].pending.push_back((op, seq, None));
+            self.streamers[k].next_ms = now + self.rng.below(3);
+            self.stream_send(k, op);
+        }
+    }
+
+    fn stream_send(&mut self, k: usize, op: usize) {
+        let i = self.index_of(self.streamers[k].node);
+        let OpKind::Append { records, producer, .. } = self.ops[op].kind.clone() else {
+            unreachable!("streamers append")
+        };
+        if self.nodes[i].live.is_none() {
+            let st = &mut self.streamers[k];
+            st.node = NodeId(1 + self.rng.below(self.opts.nodes));
+            st.broken = true;
+            st.next_ms = self.now + 5;
+            return;
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        self.stream_requests.insert(id, (k, op));
+        let st = &mut self.streamers[k];
+        if let Some(p) = st.pending.iter_mut().find(|p| p.0 == op) {
+            p.2 = Some(id);
+        }
+        if !st.pending.iter().any(|p| p.2.is_some() && p.0 != op) {
+            st.deadline_ms = self.now + REQUEST_TIMEOUT_MS;
+        }
+        let request = Request::Append(AppendReq { records, expected_next: None, producer });
+        self.input(i, Input::Request { id, request });
+    }
+
+    fn stream_reply(&mut self, k: usize, op: usize, outcome: Outcome) {
+        let st = &mut self.streamers[k];
+        // An answer on a stream that was replaced since is dropped, as a real client's is.
+        let live = st.pending.iter().any(|p| p.0 == op && p.2.is_some());
+        if !live {
+            return;
+        }
+        match outcome {
+            Ok(Reply::Appended(ok)) => {
+                st.pending.retain(|p| p.0 != op);
+                self.last_ack_ms = self.now;
+                self.finish(op, OpResult::Appended { first: ok.first, last: ok.last });
+            }
+            Err(RequestError::NotLeader { leader }) => {
+                st.node = leader.unwrap_or(NodeId(1 + self.rng.below(self.opts.nodes)));
+                st.broken = true;
+                st.next_ms = self.now + 2;
+            }
+            Err(RequestError::Overloaded(_) | RequestError::Lost | RequestError::Unknown(_)) => {
+                st.broken = true;
+                st.next_ms = self.now + 5;
+            }
+            Err(e) => {
+                // Final: this append is not in the log; the ones after it go on.
+                st.pending.retain(|p| p.0 != op);
+                self.finish(op, OpResult::Failed(e.to_string()));
+            }
+            Ok(other) => self.finish(op, OpResult::Failed(format!("unexpected {other:?}"))),
         }
     }
 
@@ -876,6 +1018,22 @@ impl Sim {
             if let Some(before) = seen.insert(b, *o) {
                 v.push(format!("{b:?} is in the log twice: at {before} and {o}"));
             }
+        }
+        // A producer's appends are in the log in sequence order.
+        let mut last_seq: HashMap<&[u8], (u64, LogIndex)> = HashMap::new();
+        for (o, b) in &all {
+            let text = std::str::from_utf8(b).unwrap_or("");
+            let mut parts = text.split('-');
+            let (Some(who), Some(seq)) = (parts.next(), parts.next()) else { continue };
+            let Some(seq) = seq.strip_prefix('s').and_then(|x| x.parse::<u64>().ok()) else {
+                continue;
+            };
+            if let Some(&(prev, at)) = last_seq.get(who.as_bytes())
+                && seq < prev
+            {
+                v.push(format!("{who}'s sequence {seq} is at {o}, after sequence {prev} at {at}"));
+            }
+            last_seq.insert(who.as_bytes(), (seq, *o));
         }
         // Real-time order: an append acknowledged before another was sent has lower offsets.
         let mut by_ack = acked.clone();

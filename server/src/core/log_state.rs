@@ -18,10 +18,14 @@
 
 use std::sync::Arc;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use raftwal_consensus::{EntryKind, LogIndex};
+
+#[cfg(test)]
+use raftwal_client::dedup::PRODUCER_SEQUENCES_MAX;
+use raftwal_client::dedup::{self, ProducerWindow, SequenceCheck};
 
 use crate::envelope::{self, Addresses, Payload, ProducerSeq};
 
@@ -41,17 +45,6 @@ impl ReadView {
     pub fn is_hidden(&self, index: LogIndex) -> bool {
         self.hidden.range(..=index).next_back().is_some_and(|(_, &last)| last >= index)
     }
-}
-
-/// What a producer's append is, given what the log has applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProducerCheck {
-    /// Not seen: propose it.
-    New,
-    /// Applied before at these offsets: answer them, propose nothing.
-    Duplicate { first: LogIndex, last: LogIndex },
-    /// Older than every sequence remembered for the producer: its outcome is unknown.
-    Stale,
 }
 
 /// What applying one entry settled.
@@ -76,26 +69,6 @@ struct OpenBatch {
     producer: Option<ProducerSeq>,
 }
 
-/// Applied sequences remembered per producer, so that a pipelined producer that resends its
-/// whole window after a failure gets the original offsets of every append that had committed.
-pub const PRODUCER_SEQUENCES_MAX: usize = 64;
-
-#[derive(Clone, Debug)]
-struct ProducerState {
-    /// The latest applied sequences and their offsets, oldest first; never empty.
-    recent: VecDeque<(u64, LogIndex, LogIndex)>,
-}
-
-impl ProducerState {
-    fn latest(&self) -> (u64, LogIndex, LogIndex) {
-        *self.recent.back().expect("a producer has at least one sequence")
-    }
-
-    fn offsets(&self, sequence: u64) -> Option<(LogIndex, LogIndex)> {
-        self.recent.iter().find(|(s, _, _)| *s == sequence).map(|&(_, f, l)| (f, l))
-    }
-}
-
 /// The state machine of the log. See the module docs.
 #[derive(Debug)]
 pub struct LogState {
@@ -106,7 +79,7 @@ pub struct LogState {
     /// Ranges (first -> last, inclusive) of record entries never served: broken batches,
     /// duplicates and malformed entries. Rare; trimmed with the log.
     hidden: BTreeMap<LogIndex, LogIndex>,
-    producers: BTreeMap<u64, ProducerState>,
+    producers: BTreeMap<u64, ProducerWindow>,
     /// The producers by the last index they appended, to forget the least recent first.
     producers_by_last: BTreeMap<LogIndex, u64>,
     producers_max: usize,
@@ -162,21 +135,10 @@ impl LogState {
         self.hidden.range(..=index).next_back().is_some_and(|(_, &last)| last >= index)
     }
 
-    /// The dedup rule, the one place it is written: a producer's sequence whose batch the log
-    /// applied (among the last [`PRODUCER_SEQUENCES_MAX`] of that producer) is a duplicate and
-    /// gets the original offsets; one older than all of those is stale (its outcome is
-    /// forgotten); anything else is new. A sequence need not follow the previous one: gaps are
-    /// allowed, and a sequence at or below the latest applied one that is not remembered is
-    /// stale only when it is below the oldest remembered one.
-    pub fn producer_check(&self, p: ProducerSeq) -> ProducerCheck {
-        let Some(s) = self.producers.get(&p.id) else { return ProducerCheck::New };
-        if let Some((first, last)) = s.offsets(p.sequence) {
-            return ProducerCheck::Duplicate { first, last };
-        }
-        if p.sequence < s.recent.front().map_or(0, |r| r.0) {
-            return ProducerCheck::Stale;
-        }
-        ProducerCheck::New
+    /// What a producer's sequence is, by the producer rule (`raftwal_client::dedup`, its one
+    /// home), against what this log applied.
+    pub fn producer_check(&self, p: ProducerSeq) -> SequenceCheck {
+        dedup::check(self.producers.get(&p.id), p.sequence)
     }
 
     /// Forgets hidden ranges below `before` (the log below it is gone). Trims never cut a
@@ -260,26 +222,27 @@ impl LogState {
         Some(Applied::Broken { first: open.first })
     }
 
+    /// A complete batch: served, and its producer sequence remembered when the producer rule
+    /// says it is new. Whether a batch is served never depends on the producer table (which
+    /// depends on history a trim or a log restart removed, and so differs between nodes); a
+    /// repeat that reaches the log is the log's word. The leader keeps repeats out: it checks
+    /// the rule before proposing (`NodeCore::append`).
     fn settle(&mut self, batch: OpenBatch) -> Applied {
         let Some(p) = batch.producer else {
             return Applied::Batch { first: batch.first, last: batch.last };
         };
+        if self.producer_check(p) != SequenceCheck::New {
+            return Applied::Batch { first: batch.first, last: batch.last };
+        }
+        let (first, last) = (batch.first.0, batch.last.0);
         match self.producers.get_mut(&p.id) {
-            Some(s) => {
-                let (latest, _, latest_last) = s.latest();
-                if p.sequence <= latest {
-                    // A repeat the leader could not see (it is the log's word now: served).
-                    return Applied::Batch { first: batch.first, last: batch.last };
-                }
-                s.recent.push_back((p.sequence, batch.first, batch.last));
-                if s.recent.len() > PRODUCER_SEQUENCES_MAX {
-                    s.recent.pop_front();
-                }
-                self.producers_by_last.remove(&latest_last);
+            Some(w) => {
+                let (_, _, latest_last) = w.latest();
+                self.producers_by_last.remove(&LogIndex(latest_last));
+                w.record(p.sequence, first, last);
             }
             None => {
-                let recent = VecDeque::from([(p.sequence, batch.first, batch.last)]);
-                self.producers.insert(p.id, ProducerState { recent });
+                self.producers.insert(p.id, ProducerWindow::new(p.sequence, first, last));
             }
         }
         self.producers_by_last.insert(batch.last, p.id);
@@ -350,30 +313,27 @@ mod tests {
         let mut s = LogState::new(LogIndex(0), 16);
         let p = ProducerSeq { id: 9, sequence: 1 };
         apply_all(&mut s, &encode_batch(&recs(2), Some(p)));
-        assert_eq!(
-            s.producer_check(p),
-            ProducerCheck::Duplicate { first: LogIndex(1), last: LogIndex(2) }
-        );
-        // A repeat that reached the log anyway is served; the original offsets stay.
+        assert_eq!(s.producer_check(p), SequenceCheck::Duplicate { first: 1, last: 2 });
+        // A repeat that reached the log anyway is served (the log's word, the same on every
+        // node); the original offsets stay.
         let again = apply_all(&mut s, &encode_batch(&recs(2), Some(p)));
         assert_eq!(again[1], Applied::Batch { first: LogIndex(3), last: LogIndex(4) });
         assert!(!s.is_hidden(LogIndex(3)));
+        assert_eq!(s.producer_check(p), SequenceCheck::Duplicate { first: 1, last: 2 });
+        // A sequence below the latest that was never applied is out of order.
+        apply_all(&mut s, &encode_batch(&recs(1), Some(ProducerSeq { id: 9, sequence: 5 })));
         assert_eq!(
-            s.producer_check(p),
-            ProducerCheck::Duplicate { first: LogIndex(1), last: LogIndex(2) }
+            s.producer_check(ProducerSeq { id: 9, sequence: 3 }),
+            SequenceCheck::OutOfOrder { latest: 5 }
         );
-        for sequence in 2..2 + PRODUCER_SEQUENCES_MAX as u64 {
+        for sequence in 6..6 + PRODUCER_SEQUENCES_MAX as u64 {
             apply_all(&mut s, &encode_batch(&recs(1), Some(ProducerSeq { id: 9, sequence })));
         }
         assert_eq!(
             s.producer_check(p),
-            ProducerCheck::Stale,
+            SequenceCheck::Stale { oldest: 6 },
             "only the last sequences are remembered"
         );
-        assert!(matches!(
-            s.producer_check(ProducerSeq { id: 9, sequence: 2 }),
-            ProducerCheck::Duplicate { .. }
-        ));
     }
 
     #[test]
@@ -382,10 +342,10 @@ mod tests {
         for id in 1..=3 {
             apply_all(&mut s, &encode_batch(&recs(1), Some(ProducerSeq { id, sequence: 1 })));
         }
-        assert_eq!(s.producer_check(ProducerSeq { id: 1, sequence: 1 }), ProducerCheck::New);
+        assert_eq!(s.producer_check(ProducerSeq { id: 1, sequence: 1 }), SequenceCheck::New);
         assert_eq!(
             s.producer_check(ProducerSeq { id: 3, sequence: 1 }),
-            ProducerCheck::Duplicate { first: LogIndex(3), last: LogIndex(3) }
+            SequenceCheck::Duplicate { first: 3, last: 3 }
         );
     }
 

@@ -31,8 +31,9 @@ use raftwal_consensus::{
     Status, Term,
 };
 
-pub use log_state::{Applied, LogState, PRODUCER_SEQUENCES_MAX, ProducerCheck, ReadView};
+pub use log_state::{Applied, LogState, ReadView};
 pub use members::Members;
+pub use raftwal_client::dedup::SequenceCheck;
 
 use crate::envelope::{self, Addresses, ProducerSeq};
 use crate::store::{StartRecord, WalStore};
@@ -110,6 +111,13 @@ pub enum RequestError {
     /// The producer sequence is older than the ones remembered; its outcome is unknown.
     #[error("producer sequence {sequence} is older than the sequences remembered for it")]
     StaleSequence { sequence: u64 },
+    /// The producer sequence is below the producer's latest applied one and was never
+    /// applied: the append is not in the log, and will not be.
+    #[error(
+        "producer sequence {sequence} is below the producer's latest applied sequence {latest}: \
+         not appended (appends of a producer apply in sequence order)"
+    )]
+    OutOfOrder { sequence: u64, latest: u64 },
     /// The request cannot be done.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -119,6 +127,16 @@ pub enum RequestError {
     /// The request may or may not have taken effect.
     #[error("outcome unknown: {0}")]
     Unknown(String),
+}
+
+impl RequestError {
+    /// The refusal of a producer sequence that the producer rule does not let apply.
+    pub fn producer(sequence: u64, check: SequenceCheck) -> RequestError {
+        match check {
+            SequenceCheck::OutOfOrder { latest } => RequestError::OutOfOrder { sequence, latest },
+            _ => RequestError::StaleSequence { sequence },
+        }
+    }
 }
 
 /// A request's outcome.
@@ -439,19 +457,28 @@ impl NodeCore {
                 return Ok(());
             }
             match self.log.producer_check(p) {
-                ProducerCheck::Duplicate { first, last } => {
-                    let ok = AppendOk { first, last, duplicate: true };
+                SequenceCheck::New => {}
+                SequenceCheck::Duplicate { first, last } => {
+                    let ok =
+                        AppendOk { first: LogIndex(first), last: LogIndex(last), duplicate: true };
                     self.reply(id, Ok(Reply::Appended(ok)));
                     return Ok(());
                 }
-                ProducerCheck::Stale => {
-                    self.reply(id, Err(RequestError::StaleSequence { sequence: p.sequence }));
+                check => {
+                    self.reply(id, Err(RequestError::producer(p.sequence, check)));
                     return Ok(());
                 }
-                ProducerCheck::New => {}
             }
             if self.waiters.join_pending(p, id) {
                 // A retry while the original is in flight: one proposal, both answered.
+                return Ok(());
+            }
+            if let Some(latest) = self.waiters.latest_pending(p.id)
+                && p.sequence < latest
+            {
+                // A later sequence is already proposed: this one would land after it.
+                let e = RequestError::OutOfOrder { sequence: p.sequence, latest };
+                self.reply(id, Err(e));
                 return Ok(());
             }
         }

@@ -34,8 +34,9 @@ pub(super) struct QueuedConf {
 #[derive(Default)]
 pub(super) struct Waiters {
     appends: HashMap<LogIndex, AppendWaiter>,
-    /// Producer sequences proposed and not yet applied, by their first index.
-    pending_producers: HashMap<ProducerSeq, LogIndex>,
+    /// Producer sequences proposed and not yet applied, with their first index (ordered, to
+    /// find a producer's latest in flight).
+    pending_producers: BTreeMap<(u64, u64), LogIndex>,
     confs: HashMap<LogIndex, IndexWaiter>,
     trims: HashMap<LogIndex, IndexWaiter>,
     queued_conf: Option<QueuedConf>,
@@ -59,13 +60,13 @@ impl Waiters {
     ) {
         self.appends.insert(first, AppendWaiter { last, term, producer, ids: vec![id] });
         if let Some(p) = producer {
-            self.pending_producers.insert(p, first);
+            self.pending_producers.insert((p.id, p.sequence), first);
         }
     }
 
     /// Adds `id` to the waiter of `p`'s proposal in flight, if there is one.
     pub fn join_pending(&mut self, p: ProducerSeq, id: RequestId) -> bool {
-        let Some(first) = self.pending_producers.get(&p) else { return false };
+        let Some(first) = self.pending_producers.get(&(p.id, p.sequence)) else { return false };
         match self.appends.get_mut(first) {
             Some(w) => {
                 w.ids.push(id);
@@ -75,13 +76,21 @@ impl Waiters {
         }
     }
 
+    /// The highest sequence of `producer` proposed and not yet applied.
+    pub fn latest_pending(&self, producer: u64) -> Option<u64> {
+        self.pending_producers
+            .range((producer, 0)..=(producer, u64::MAX))
+            .next_back()
+            .map(|(k, _)| k.1)
+    }
+
     /// Removes the append waiter at `first`; returns who waited on it.
     pub fn finish_append(&mut self, first: LogIndex) -> Vec<RequestId> {
         let Some(w) = self.appends.remove(&first) else { return Vec::new() };
         if let Some(p) = w.producer
-            && self.pending_producers.get(&p) == Some(&first)
+            && self.pending_producers.get(&(p.id, p.sequence)) == Some(&first)
         {
-            self.pending_producers.remove(&p);
+            self.pending_producers.remove(&(p.id, p.sequence));
         }
         w.ids
     }
