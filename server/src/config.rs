@@ -14,6 +14,16 @@ use anyhow::{Context, bail};
 use raftwal_consensus::NodeId;
 use serde::{Deserialize, Serialize};
 
+/// The largest record any node of any configuration accepts (`record_bytes_max` may be lower).
+pub const RECORD_BYTES_CEILING: u64 = 8 << 20;
+
+/// The largest WAL entry a node must accept from a leader: a record at the ceiling and its
+/// envelope. Every node's WAL takes entries up to this, whatever its own `record_bytes_max`,
+/// because a committed entry must never make a follower's WAL refuse it (a follower with a
+/// lower limit than the leader's would otherwise stop on the leader's entry, again at every
+/// restart).
+pub const WAL_ENTRY_BYTES_MAX: u64 = RECORD_BYTES_CEILING + 64;
+
 /// One other member of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -182,8 +192,16 @@ impl NodeConfig {
         if self.record_bytes_max == 0 || self.request_bytes_max < self.record_bytes_max {
             bail!("record_bytes_max must be > 0 and at most request_bytes_max");
         }
-        if self.record_bytes_max > 8 << 20 {
+        if self.record_bytes_max > RECORD_BYTES_CEILING {
             bail!("record_bytes_max must be at most 8 MiB (one record must fit one WAL group)");
+        }
+        let entry_frame = raftwal_wal::frame_bytes(WAL_ENTRY_BYTES_MAX)
+            + raftwal_wal::SEGMENT_HEADER_BYTES;
+        if self.segment_bytes < entry_frame {
+            bail!(
+                "segment_bytes must be at least {entry_frame}: every node's WAL must hold the \
+                 largest entry any leader may send (a record of 8 MiB and its envelope)"
+            );
         }
         self.wal_durability()?;
         if self.appends_inflight_bytes_max < self.request_bytes_max {

@@ -80,7 +80,7 @@ impl Node {
         })?;
         let wal_opts = WalOptions {
             segment_bytes: cfg.segment_bytes,
-            record_bytes_max: cfg.record_bytes_max + 64,
+            record_bytes_max: crate::config::WAL_ENTRY_BYTES_MAX,
             durability: cfg.wal_durability()?,
             ..WalOptions::default()
         };

@@ -405,3 +405,34 @@ async fn linearizable_reads_on_a_follower_see_every_acknowledged_append() {
     lonely.read(Offset(1), 10, 0).await.expect("a plain read still serves what the node has");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_with_a_lower_record_limit_keeps_every_committed_record() {
+    // Node 3 takes client records of at most 1 KiB; the others the default 1 MiB. A record the
+    // leader accepted must not stop node 3 when it arrives there (it used to, at every restart).
+    let c = Cluster::start_with(3, 0, |_, cfg| {
+        if cfg.id == 3 {
+            cfg.record_bytes_max = 1024;
+        }
+    })
+    .await;
+    let mut leader = c.leader().await;
+    let client = c.client().await;
+    if leader == 3 {
+        client.transfer_leader(NodeId(1)).await.expect("transfer");
+        leader = c.leader().await;
+    }
+    assert_ne!(leader, 3);
+    let big = vec![7u8; 100 << 10];
+    let a = c
+        .client_of(leader)
+        .await
+        .append(vec![big.clone()])
+        .await
+        .expect("the leader takes 100 KiB");
+    c.wait_applied(3, a.last_offset.0).await;
+    let on3 = read_all(&c.client_of(3).await).await;
+    assert_eq!(on3.last(), Some(&(a.first_offset.0, big)), "node 3 holds and serves it");
+    assert!(c.nodes[&3].shared.failure.borrow().is_none(), "node 3 is running");
+    c.shutdown().await;
+}

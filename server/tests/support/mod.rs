@@ -44,7 +44,7 @@ impl Cluster {
         let mut configs = raftwal_server::local::configs(dir.path(), n, spare).expect("configs");
         for c in configs.values_mut() {
             c.tick_ms = 20;
-            c.segment_bytes = 4 << 20;
+            c.segment_bytes = 16 << 20;
             tweak(&certs_dir, c);
         }
         let mut cluster = Cluster { dir, configs, nodes: BTreeMap::new() };
