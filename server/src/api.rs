@@ -10,6 +10,9 @@ use bytes::Bytes;
 use raftwal_client::proto::admin_server::{Admin, AdminServer};
 use raftwal_client::proto::log_server::{Log, LogServer};
 use raftwal_client::proto::{self, follow_response};
+use raftwal_client::{
+    TRAILER_FIRST_OFFSET, TRAILER_LEADER_ADDR, TRAILER_LEADER_ID, TRAILER_NEXT_OFFSET,
+};
 use raftwal_consensus::{ConfChange, ConfStep, LogIndex, NodeId, ProgressState, Role};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_stream::Stream;
@@ -117,17 +120,17 @@ fn status_of(shared: &Shared, e: RequestError) -> Status {
     let code = match &e {
         RequestError::NotLeader { leader } => {
             if let Some(l) = leader {
-                md.insert("raftwal-leader-id", l.0.to_string().parse().expect("digits are ASCII"));
+                md.insert(TRAILER_LEADER_ID, l.0.to_string().parse().expect("digits are ASCII"));
             }
             if let Some(addr) = shared.leader_addr(*leader)
                 && let Ok(v) = addr.parse()
             {
-                md.insert("raftwal-leader-addr", v);
+                md.insert(TRAILER_LEADER_ADDR, v);
             }
             Code::Unavailable
         }
         RequestError::OffsetMismatch { next } => {
-            md.insert("raftwal-next-offset", next.0.to_string().parse().expect("digits are ASCII"));
+            md.insert(TRAILER_NEXT_OFFSET, next.0.to_string().parse().expect("digits are ASCII"));
             Code::FailedPrecondition
         }
         RequestError::Overloaded(_) => Code::ResourceExhausted,
@@ -237,6 +240,25 @@ impl Api {
         }
     }
 
+    /// UNAVAILABLE (with the next offset) when `from` is beyond the end of this node's log:
+    /// nothing was ever at that offset here. Another node may be ahead (the client tries it);
+    /// if none is, the offset was never committed. (Before this, such a follow got a caught-up
+    /// marker and then silence.)
+    fn check_end(&self, from: LogIndex) -> Result<(), Status> {
+        let readable = *self.shared.readable.borrow();
+        let end = self.shared.status.read().last_index.max(readable).next();
+        if from <= end {
+            return Ok(());
+        }
+        let mut md = MetadataMap::new();
+        md.insert(TRAILER_NEXT_OFFSET, end.0.to_string().parse().expect("digits are ASCII"));
+        Err(Status::with_metadata(
+            Code::Unavailable,
+            format!("offset {from} is beyond the end of this node's log; its next offset is {end}"),
+            md,
+        ))
+    }
+
     /// OUT_OF_RANGE (with the first offset) when `from` is below the log's start.
     fn check_start(&self, from: LogIndex) -> Result<(), Status> {
         let first = read::first_readable(&self.shared.wal, &self.shared.view.read());
@@ -308,7 +330,7 @@ impl Api {
 /// The answer to a read below the log's start `first`.
 fn trimmed(from: LogIndex, first: LogIndex) -> Status {
     let mut md = MetadataMap::new();
-    md.insert("raftwal-first-offset", first.0.to_string().parse().expect("digits are ASCII"));
+    md.insert(TRAILER_FIRST_OFFSET, first.0.to_string().parse().expect("digits are ASCII"));
     Status::with_metadata(
         Code::OutOfRange,
         format!("offset {from} was trimmed; the log starts at {first}"),
@@ -379,15 +401,15 @@ impl Log for Api {
                                 message: status.message().to_string(),
                                 next_offset: status
                                     .metadata()
-                                    .get("raftwal-next-offset")
+                                    .get(TRAILER_NEXT_OFFSET)
                                     .and_then(|v| v.to_str().ok()?.parse().ok()),
                                 leader_id: status
                                     .metadata()
-                                    .get("raftwal-leader-id")
+                                    .get(TRAILER_LEADER_ID)
                                     .and_then(|v| v.to_str().ok()?.parse().ok()),
                                 leader_addr: status
                                     .metadata()
-                                    .get("raftwal-leader-addr")
+                                    .get(TRAILER_LEADER_ADDR)
                                     .and_then(|v| v.to_str().ok())
                                     .unwrap_or_default()
                                     .to_string(),
@@ -426,8 +448,9 @@ impl Log for Api {
             Status::resource_exhausted("too many followers of the log on this node")
         })?;
         let mut next = request.into_inner().from_offset.max(1);
-        // Fail at once if the start is trimmed.
+        // Fail at once if the start is trimmed, or beyond anything this node's log holds.
         self.check_start(LogIndex(next))?;
+        self.check_end(LogIndex(next))?;
         let (tx, rx) = mpsc::channel(4);
         let api = self.clone();
         let mut readable = self.shared.readable.subscribe();

@@ -195,8 +195,8 @@ impl NodeConfig {
         if self.record_bytes_max > RECORD_BYTES_CEILING {
             bail!("record_bytes_max must be at most 8 MiB (one record must fit one WAL group)");
         }
-        let entry_frame = raftwal_wal::frame_bytes(WAL_ENTRY_BYTES_MAX)
-            + raftwal_wal::SEGMENT_HEADER_BYTES;
+        let entry_frame =
+            raftwal_wal::frame_bytes(WAL_ENTRY_BYTES_MAX) + raftwal_wal::SEGMENT_HEADER_BYTES;
         if self.segment_bytes < entry_frame {
             bail!(
                 "segment_bytes must be at least {entry_frame}: every node's WAL must hold the \

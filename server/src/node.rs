@@ -185,9 +185,10 @@ impl Node {
             tick: Duration::from_millis(cfg.tick_ms),
             runtime: tokio::runtime::Handle::current(),
         };
+        let failure = shared.failure.clone();
         let driver_thread = std::thread::Builder::new()
             .name(format!("raftwal-driver-{}", id.0))
-            .spawn(move || shell::run(parts))
+            .spawn(move || shell::run_guarded(&failure, || shell::run(parts)))
             .context("spawn the driver thread")?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -436,3 +436,21 @@ async fn a_follower_with_a_lower_record_limit_keeps_every_committed_record() {
     assert!(c.nodes[&3].shared.failure.borrow().is_none(), "node 3 is running");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follow_from_beyond_the_end_of_the_log_is_refused() {
+    let c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let a = c.client().await.append(vec![b"x".to_vec()]).await.expect("append");
+    let mut raw = LogClient::connect(c.endpoint(leader)).await.expect("connect");
+    let far = raftwal_client::proto::FollowRequest { from_offset: 1_000_000 };
+    let refused = raw.follow(far).await.expect_err("refused, not caught up and then silent");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("beyond the end"), "{refused:?}");
+    let next = refused.metadata().get(raftwal_client::TRAILER_NEXT_OFFSET).expect("next offset");
+    assert!(next.to_str().expect("ascii").parse::<u64>().expect("a number") > a.last_offset.0);
+    // From the next offset itself is a live tail.
+    let tail = raftwal_client::proto::FollowRequest { from_offset: a.last_offset.0 + 1 };
+    raw.follow(tail).await.expect("a follow of the tail");
+    c.shutdown().await;
+}

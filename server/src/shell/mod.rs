@@ -407,6 +407,25 @@ impl Driver {
     }
 }
 
+/// Runs the driver so that a panic in it is a failure like any other: `failure` gets the
+/// reason (so /livez fails and `raftwal node` exits non-zero with it) before the panic goes on,
+/// instead of a process that answers /livez while its index is frozen.
+pub fn run_guarded<T>(failure: &watch::Sender<Option<String>>, run: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            tracing::error!(%why, "the node's driver panicked");
+            failure.send_replace(Some(format!("the driver panicked: {why}")));
+            std::panic::resume_unwind(payload)
+        }
+    }
+}
+
 /// Counts an append (and its bytes) in flight for as long as it lives.
 #[derive(Debug)]
 pub struct InflightGuard {
@@ -427,5 +446,23 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.shared.appends_inflight.fetch_sub(1, Ordering::Relaxed);
         self.shared.appends_inflight_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_the_driver_is_reported_as_the_node_failure() {
+        let failure = watch::Sender::new(None);
+        let reported = failure.clone();
+        let joined = std::thread::spawn(move || {
+            run_guarded(&reported, || -> () { panic!("an invariant broke") })
+        })
+        .join();
+        assert!(joined.is_err(), "the panic goes on");
+        let why = failure.borrow().clone().expect("a failure is published");
+        assert!(why.contains("an invariant broke"), "{why}");
     }
 }
