@@ -161,27 +161,7 @@ async fn connect(target: &Target) -> anyhow::Result<Client> {
 pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
     match cmd {
         ClientCommand::Append { records, expect_offset, target } => {
-            let client = connect(&target).await?;
-            let records: Vec<Vec<u8>> = if records.is_empty() {
-                let mut out = Vec::new();
-                for line in std::io::stdin().lock().lines() {
-                    out.push(line?.into_bytes());
-                }
-                out
-            } else {
-                records.into_iter().map(String::into_bytes).collect()
-            };
-            if records.is_empty() {
-                bail!("nothing to append");
-            }
-            let options = AppendOptions { expected_next_offset: expect_offset.map(Offset) };
-            let a = client.append_with(records, options).await?;
-            crate::outln!(
-                "appended offsets {}..={}{}",
-                a.first_offset,
-                a.last_offset,
-                if a.duplicate { " (a retry of an earlier append)" } else { "" }
-            );
+            append(connect(&target).await?, records, expect_offset).await?
         }
         ClientCommand::Read { from, max_records, linearizable, target } => {
             let client = connect(&target).await?;
@@ -198,76 +178,9 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 batch.next_offset, batch.commit_offset
             );
         }
-        ClientCommand::Follow { from, target } => {
-            let client = connect(&target).await?;
-            let mut stream = client.follow(Offset(from));
-            loop {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break,
-                    event = stream.next() => match event {
-                        None => break,
-                        Some(Ok(FollowEvent::Records(records))) => {
-                            for r in records {
-                                crate::outln!("{}\t{}", r.offset, String::from_utf8_lossy(&r.data));
-                            }
-                        }
-                        Some(Ok(FollowEvent::CaughtUp { next_offset })) => {
-                            eprintln!("-- caught up at offset {next_offset}; live records follow");
-                        }
-                        Some(Err(e)) => return Err(e.into()),
-                    }
-                }
-            }
-        }
+        ClientCommand::Follow { from, target } => follow(connect(&target).await?, from).await?,
         ClientCommand::Status { json, target } => {
-            let client = connect(&target).await?;
-            let s = client.status().await?;
-            if json {
-                let v = serde_json::json!({
-                    "node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
-                    "leader_addr": s.leader_addr, "commit_offset": s.commit_offset,
-                    "applied_offset": s.applied_offset, "first_offset": s.first_offset,
-                    "last_offset": s.last_offset,
-                    "members": s.members.iter().map(|m| serde_json::json!({"id": m.id, "kind": m.kind, "addr": m.addr})).collect::<Vec<_>>(),
-                    "progress": s.progress.iter().map(|p| serde_json::json!({"id": p.id, "match_offset": p.match_offset, "next_offset": p.next_offset, "state": p.state, "active": p.active})).collect::<Vec<_>>(),
-                });
-                crate::outln!("{v}");
-            } else {
-                crate::outln!(
-                    "node {} ({}), term {}, leader {}{}\ncommitted {}  applied {}  log {}..={}",
-                    s.node_id,
-                    s.role,
-                    s.term,
-                    s.leader_id,
-                    if s.leader_addr.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" at {}", s.leader_addr)
-                    },
-                    s.commit_offset,
-                    s.applied_offset,
-                    s.first_offset,
-                    s.last_offset
-                );
-                crate::outln!(
-                    "\n| member | kind | address | match | state |\n|---|---|---|---|---|"
-                );
-                for m in &s.members {
-                    let p = s.progress.iter().find(|p| p.id == m.id);
-                    crate::outln!(
-                        "| {} | {} | {} | {} | {} |",
-                        m.id,
-                        m.kind,
-                        m.addr,
-                        p.map_or("-".into(), |p| p.match_offset.to_string()),
-                        p.map_or("-".into(), |p| format!(
-                            "{}{}",
-                            p.state,
-                            if p.active { "" } else { " (inactive)" }
-                        ))
-                    );
-                }
-            }
+            print_status(&connect(&target).await?.status().await?, json)
         }
         ClientCommand::Members(MembersCommand::Add { id, peer_addr, api_addr, target }) => {
             let m = connect(&target).await?.add_learner(NodeId(id), &peer_addr, &api_addr).await?;
@@ -291,4 +204,98 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `raftwal append`: the records given, or one per line of standard input.
+async fn append(
+    client: Client,
+    records: Vec<String>,
+    expect_offset: Option<u64>,
+) -> anyhow::Result<()> {
+    let records: Vec<Vec<u8>> = if records.is_empty() {
+        let mut out = Vec::new();
+        for line in std::io::stdin().lock().lines() {
+            out.push(line?.into_bytes());
+        }
+        out
+    } else {
+        records.into_iter().map(String::into_bytes).collect()
+    };
+    if records.is_empty() {
+        bail!("nothing to append");
+    }
+    let options = AppendOptions { expected_next_offset: expect_offset.map(Offset) };
+    let a = client.append_with(records, options).await?;
+    crate::outln!(
+        "appended offsets {}..={}{}",
+        a.first_offset,
+        a.last_offset,
+        if a.duplicate { " (a retry of an earlier append)" } else { "" }
+    );
+    Ok(())
+}
+
+/// `raftwal follow`: prints records until ctrl-c or the end of the stream.
+async fn follow(client: Client, from: u64) -> anyhow::Result<()> {
+    let mut stream = client.follow(Offset(from));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            event = stream.next() => match event {
+                None => return Ok(()),
+                Some(Ok(FollowEvent::Records(records))) => {
+                    for r in records {
+                        crate::outln!("{}\t{}", r.offset, String::from_utf8_lossy(&r.data));
+                    }
+                }
+                Some(Ok(FollowEvent::CaughtUp { next_offset })) => {
+                    eprintln!("-- caught up at offset {next_offset}; live records follow");
+                }
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// `raftwal status`: a summary and a table of members, or JSON.
+fn print_status(s: &raftwal_client::proto::StatusResponse, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
+            "leader_addr": s.leader_addr, "commit_offset": s.commit_offset,
+            "applied_offset": s.applied_offset, "first_offset": s.first_offset,
+            "last_offset": s.last_offset,
+            "members": s.members.iter().map(|m| serde_json::json!({"id": m.id, "kind": m.kind, "addr": m.addr})).collect::<Vec<_>>(),
+            "progress": s.progress.iter().map(|p| serde_json::json!({"id": p.id, "match_offset": p.match_offset, "next_offset": p.next_offset, "state": p.state, "active": p.active})).collect::<Vec<_>>(),
+        });
+        crate::outln!("{v}");
+        return;
+    }
+    let at =
+        if s.leader_addr.is_empty() { String::new() } else { format!(" at {}", s.leader_addr) };
+    crate::outln!(
+        "node {} ({}), term {}, leader {}{at}\ncommitted {}  applied {}  log {}..={}",
+        s.node_id,
+        s.role,
+        s.term,
+        s.leader_id,
+        s.commit_offset,
+        s.applied_offset,
+        s.first_offset,
+        s.last_offset
+    );
+    crate::outln!("\n| member | kind | address | match | state |\n|---|---|---|---|---|");
+    for m in &s.members {
+        let p = s.progress.iter().find(|p| p.id == m.id);
+        let state = p.map_or("-".into(), |p| {
+            format!("{}{}", p.state, if p.active { "" } else { " (inactive)" })
+        });
+        crate::outln!(
+            "| {} | {} | {} | {} | {state} |",
+            m.id,
+            m.kind,
+            m.addr,
+            p.map_or("-".into(), |p| p.match_offset.to_string())
+        );
+    }
 }

@@ -95,19 +95,7 @@ pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
         _ => host,
     };
     dev_prepare(&dir, host, nodes)?;
-    for id in 1..=nodes {
-        let (api, peer, http) = dev_ports(host, id);
-        let free = std::net::TcpListener::bind(&api).is_ok()
-            && std::net::TcpListener::bind(&http).is_ok()
-            && std::net::UdpSocket::bind(&peer).is_ok();
-        if !free {
-            bail!(
-                "the dev cluster's addresses ({api}, {peer}, {http}) are in use: is another \
-                 `raftwal dev` running? Stop it, or run this one on another loopback address \
-                 with a fresh --dir, e.g. `raftwal dev --host 127.0.0.2 --dir raftwal-dev-2`"
-            );
-        }
-    }
+    check_ports_free(host, nodes)?;
     let exe = std::env::current_exe().context("find the raftwal executable")?;
     let mut children = Vec::new();
     for id in 1..=nodes {
@@ -141,6 +129,37 @@ pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
          raftwal follow --from 1          # the log, then live records\n  raftwal status\n\
          Kill one node (kill <pid>) and the other two carry on. Ctrl-C stops the cluster.\n"
     );
+    supervise(&mut children, &exe, &dir).await;
+    println!("stopped. `raftwal dev` again recovers the same log.");
+    Ok(())
+}
+
+/// Refuses to start when the dev cluster's addresses are taken, saying what to do instead.
+fn check_ports_free(host: &str, nodes: u64) -> anyhow::Result<()> {
+    for id in 1..=nodes {
+        let (api, peer, http) = dev_ports(host, id);
+        let free = std::net::TcpListener::bind(&api).is_ok()
+            && std::net::TcpListener::bind(&http).is_ok()
+            && std::net::UdpSocket::bind(&peer).is_ok();
+        if !free {
+            bail!(
+                "the dev cluster's addresses ({api}, {peer}, {http}) are in use: is another \
+                 `raftwal dev` running? Stop it, or run this one on another loopback address \
+                 with a fresh --dir, e.g. `raftwal dev --host 127.0.0.2 --dir raftwal-dev-2`"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reports nodes that exit until ctrl-c, then stops them all (SIGTERM, then a kill).
+async fn supervise(
+    children: &mut [(u64, tokio::process::Child)],
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+) {
+    let shown = dir.display();
+    let nodes = children.len() as u64;
     let mut exited = vec![false; nodes as usize];
     loop {
         tokio::select! {
@@ -159,13 +178,13 @@ pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
         }
     }
     println!("stopping...");
-    for (_, child) in &mut children {
+    for (_, child) in children.iter_mut() {
         if let Some(pid) = child.id() {
             // SIGTERM first: nodes stop cleanly; a kill follows if one does not.
             let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
         }
     }
-    for (id, child) in &mut children {
+    for (id, child) in children.iter_mut() {
         match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
             Ok(_) => {}
             Err(_) => {
@@ -174,6 +193,4 @@ pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
             }
         }
     }
-    println!("stopped. `raftwal dev` again recovers the same log.");
-    Ok(())
 }

@@ -75,53 +75,9 @@ impl Node {
         let pem = load_tls(&cfg)?;
         let identity =
             Identity::from_pem(&pem.ca, &pem.cert, &pem.key).context("the node's TLS identity")?;
-        std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
-            format!("cannot create the data directory {}", cfg.data_dir.display())
-        })?;
-        let wal_opts = WalOptions {
-            segment_bytes: cfg.segment_bytes,
-            record_bytes_max: crate::config::WAL_ENTRY_BYTES_MAX,
-            durability: cfg.wal_durability()?,
-            ..WalOptions::default()
-        };
-        if cfg.wal_durability()? == raftwal_wal::Durability::UnsafeNoSync {
-            tracing::warn!(
-                "durability is unsafe-no-sync: a power loss can lose acknowledged appends"
-            );
-        }
-        let wal_dir = cfg.data_dir.join("wal");
-        let wal = Wal::open(&wal_dir, wal_opts).with_context(|| {
-            format!(
-                "refusing to start: the WAL in {} could not be recovered (no data was changed; \
-                 repair or restore it, or remove this node and re-add it empty)",
-                wal_dir.display()
-            )
-        })?;
-        if let Some(torn) = &wal.recovery().torn_tail {
-            tracing::warn!(?torn, "recovery cut a torn tail (an unacknowledged write)");
-        }
         let peers = cfg.parsed_peers()?;
-        if !cfg.join {
-            let mut voters: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
-            voters.push(id);
-            bootstrap_if_new(&wal, &voters)?;
-        }
-        let wal = Arc::new(wal);
-        let first = wal.first_index();
-        let seed = seed();
-        let mut rc = Config::new(id, seed);
-        rc.election_ticks = cfg.election_ticks;
-        rc.heartbeat_ticks = cfg.heartbeat_ticks;
-        rc.uncommitted_bytes_max = cfg.uncommitted_bytes_max;
-        let core_config = CoreConfig {
-            id,
-            read_barrier_ticks: u64::from(cfg.election_ticks) * 2,
-            // Below 2^63, so the contexts of one incarnation never wrap.
-            read_context_start: seed >> 1,
-            producers_max: cfg.producers_max as usize,
-            writes_in_flight_max: shell::WRITES_IN_FLIGHT_MAX,
-            planted: None,
-        };
+        let wal = open_wal(&cfg, &peers)?;
+        let (rc, core_config) = core_configs(&cfg);
         let (core, start_addresses) = recover_core(wal.clone(), &cfg.data_dir, rc, core_config)?;
 
         let mut tc = TransportConfig::new(id, cfg.peer_listen, identity);
@@ -138,28 +94,11 @@ impl Node {
         let mut api_addrs: BTreeMap<NodeId, String> =
             peers.iter().map(|p| (p.id, p.api_addr.clone())).collect();
         api_addrs.extend(start_addresses.iter().map(|a| (a.id, a.api.clone())));
-        let status = core.status();
-        let (readable_tx, _) = watch::channel(first.prev());
-        let shared = Arc::new(Shared {
-            id,
-            wal: wal.clone(),
-            view: RwLock::new(ReadView { start: first, hidden: Default::default() }),
-            readable: readable_tx,
-            status: RwLock::new(status),
-            api_addrs: RwLock::new(BTreeMap::new()),
-            appends_inflight: AtomicU64::new(0),
-            appends_inflight_bytes: AtomicU64::new(0),
-            failure: watch::Sender::new(None),
-        });
+        let shared = Arc::new(new_shared(id, wal.clone(), core.status()));
         let (driver, rx) = shell::channel(DRIVER_QUEUE_EVENTS_MAX);
 
-        let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
-            .await
-            .with_context(|| format!("cannot listen for clients on {}", cfg.api_listen))?;
+        let (api_listener, http_listener) = bind_listeners(&cfg).await?;
         let api_addr = api_listener.local_addr()?;
-        let http_listener = tokio::net::TcpListener::bind(cfg.http_listen)
-            .await
-            .with_context(|| format!("cannot serve HTTP on {}", cfg.http_listen))?;
         let http_addr = http_listener.local_addr()?;
         let advertised = if cfg.api_advertise.is_empty() {
             api_addr.to_string()
@@ -245,6 +184,90 @@ impl Node {
             }
         }
     }
+}
+
+/// Binds the client API and HTTP listeners, saying which address is taken when one is.
+async fn bind_listeners(
+    cfg: &NodeConfig,
+) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    let api = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("cannot listen for clients on {}", cfg.api_listen))?;
+    let http = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("cannot serve HTTP on {}", cfg.http_listen))?;
+    Ok((api, http))
+}
+
+/// What the node publishes before its driver runs: nothing settled beyond the log start.
+fn new_shared(id: NodeId, wal: Arc<Wal>, status: raftwal_consensus::Status) -> Shared {
+    let first = wal.first_index();
+    Shared {
+        id,
+        wal,
+        view: RwLock::new(ReadView { start: first, hidden: Default::default() }),
+        readable: watch::channel(first.prev()).0,
+        status: RwLock::new(status),
+        api_addrs: RwLock::new(BTreeMap::new()),
+        appends_inflight: AtomicU64::new(0),
+        appends_inflight_bytes: AtomicU64::new(0),
+        failure: watch::Sender::new(None),
+    }
+}
+
+/// Opens (recovering) the node's WAL, refusing on corruption, and writes the founding
+/// membership into a new one.
+fn open_wal(cfg: &NodeConfig, peers: &[crate::config::Peer]) -> anyhow::Result<Arc<Wal>> {
+    let id = NodeId(cfg.id);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
+    let wal_opts = WalOptions {
+        segment_bytes: cfg.segment_bytes,
+        record_bytes_max: crate::config::WAL_ENTRY_BYTES_MAX,
+        durability: cfg.wal_durability()?,
+        ..WalOptions::default()
+    };
+    if cfg.wal_durability()? == raftwal_wal::Durability::UnsafeNoSync {
+        tracing::warn!("durability is unsafe-no-sync: a power loss can lose acknowledged appends");
+    }
+    let wal_dir = cfg.data_dir.join("wal");
+    let wal = Wal::open(&wal_dir, wal_opts).with_context(|| {
+        format!(
+            "refusing to start: the WAL in {} could not be recovered (no data was changed; \
+             repair or restore it, or remove this node and re-add it empty)",
+            wal_dir.display()
+        )
+    })?;
+    if let Some(torn) = &wal.recovery().torn_tail {
+        tracing::warn!(?torn, "recovery cut a torn tail (an unacknowledged write)");
+    }
+    if !cfg.join {
+        let mut voters: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
+        voters.push(id);
+        bootstrap_if_new(&wal, &voters)?;
+    }
+    let wal = Arc::new(wal);
+    Ok(wal)
+}
+
+/// Consensus's and the core's settings from the node's config, with a fresh random seed.
+fn core_configs(cfg: &NodeConfig) -> (Config, CoreConfig) {
+    let id = NodeId(cfg.id);
+    let seed = seed();
+    let mut rc = Config::new(id, seed);
+    rc.election_ticks = cfg.election_ticks;
+    rc.heartbeat_ticks = cfg.heartbeat_ticks;
+    rc.uncommitted_bytes_max = cfg.uncommitted_bytes_max;
+    let core_config = CoreConfig {
+        id,
+        read_barrier_ticks: u64::from(cfg.election_ticks) * 2,
+        // Below 2^63, so the contexts of one incarnation never wrap.
+        read_context_start: seed >> 1,
+        producers_max: cfg.producers_max as usize,
+        writes_in_flight_max: shell::WRITES_IN_FLIGHT_MAX,
+        planted: None,
+    };
+    (rc, core_config)
 }
 
 /// Writes the founding membership of `voters` into the WAL of a node that has never run (an

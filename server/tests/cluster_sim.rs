@@ -2,7 +2,7 @@
 //! violation, and each planted bug caught within 200 seeds, which shows the checker can fail.
 //! `examples/cluster-sim` runs longer campaigns and replays one seed.
 
-#[path = "../examples/cluster-sim/harness.rs"]
+#[path = "../examples/cluster-sim/harness/mod.rs"]
 mod harness;
 
 use raftwal_server::core::PlantedBug;

@@ -66,59 +66,7 @@ impl NodeCore {
         if let Some(start) = &rd.log_start {
             self.restart_log(start.first_index, start.prev_term, start.membership.clone());
         }
-        let mut write = None;
-        if let Some(first) = rd.entries.first() {
-            if first.index <= self.writes.submitted_last {
-                // A conflicting suffix (written or still queued) is replaced.
-                self.actions.push_back(Action::Truncate { from: first.index });
-                let kept = first.index.prev();
-                self.writes.durable_last = self.writes.durable_last.min(kept);
-                for p in &mut self.writes.pending {
-                    p.last = p.last.min(kept);
-                }
-            }
-            let last = rd.entries.last().expect("not empty").index;
-            self.writes.submitted_last = last;
-            write = Some(last);
-        }
-        if let Some(hs) = rd.hard_state {
-            let saved = self.writes.saved;
-            if hs.term != saved.term || hs.vote != saved.vote {
-                // Term and vote are durable before anything that depends on them is sent.
-                let commit = hs.commit.min(self.writes.durable_last).max(saved.commit);
-                self.save_hard_state(HardState { commit, ..hs });
-            }
-            self.writes.commit_unsaved = true;
-            self.writes.latest = hs;
-        }
-        // The entries become durable on the shell's syncer while the core goes on stepping
-        // messages and proposing (thesis 10.2.1). `advance` and the messages that promise
-        // durable state wait for it, in Ready order.
-        match (write, self.writes.pending.back_mut()) {
-            (None, None) => {
-                self.raw.advance(rd.number).map_err(fatal("advance"))?;
-                self.actions.extend(rd.persisted_messages.into_iter().map(Action::Send));
-            }
-            (None, Some(last)) => {
-                // Nothing to write: durable as soon as the writes before it are.
-                last.advance_to = rd.number;
-                last.messages.extend(rd.persisted_messages);
-            }
-            (Some(last), _) => {
-                if self.writes.pending.len() >= self.writes.in_flight_max {
-                    // The syncer is far behind: everything queued becomes durable first.
-                    self.actions.push_back(Action::Flush);
-                    self.persisted(u64::MAX)?;
-                }
-                self.actions.push_back(Action::Write { number: rd.number, entries: rd.entries });
-                self.writes.pending.push_back(PendingWrite {
-                    synced: rd.number,
-                    last,
-                    advance_to: rd.number,
-                    messages: rd.persisted_messages,
-                });
-            }
-        }
+        self.persist(rd.number, rd.entries, rd.hard_state, rd.persisted_messages)?;
         if !rd.committed_entries.is_empty() {
             self.apply_entries(&rd.committed_entries)?;
             metrics::counter!("raftwal_server_proposals_committed_total")
@@ -140,6 +88,72 @@ impl NodeCore {
         if self.config.planted == Some(PlantedBug::ServeUncommitted) {
             let written = self.writes.durable_last.max(self.log.readable());
             self.actions.push_back(Action::PublishReadable(written));
+        }
+        Ok(())
+    }
+
+    /// The Ready's writes in order: a conflicting suffix, term and vote, the entries; then
+    /// `advance` and the messages that promise durable state, at once or once the syncer reports
+    /// the writes durable.
+    fn persist(
+        &mut self,
+        number: u64,
+        entries: Vec<raftwal_consensus::Entry>,
+        hard_state: Option<HardState>,
+        persisted: Vec<Message>,
+    ) -> Result<(), Fatal> {
+        let mut write = None;
+        if let Some(first) = entries.first() {
+            if first.index <= self.writes.submitted_last {
+                // A conflicting suffix (written or still queued) is replaced.
+                self.actions.push_back(Action::Truncate { from: first.index });
+                let kept = first.index.prev();
+                self.writes.durable_last = self.writes.durable_last.min(kept);
+                for p in &mut self.writes.pending {
+                    p.last = p.last.min(kept);
+                }
+            }
+            let last = entries.last().expect("not empty").index;
+            self.writes.submitted_last = last;
+            write = Some(last);
+        }
+        if let Some(hs) = hard_state {
+            let saved = self.writes.saved;
+            if hs.term != saved.term || hs.vote != saved.vote {
+                // Term and vote are durable before anything that depends on them is sent.
+                let commit = hs.commit.min(self.writes.durable_last).max(saved.commit);
+                self.save_hard_state(HardState { commit, ..hs });
+            }
+            self.writes.commit_unsaved = true;
+            self.writes.latest = hs;
+        }
+        // The entries become durable on the shell's syncer while the core goes on stepping
+        // messages and proposing (thesis 10.2.1). `advance` and the messages that promise
+        // durable state wait for it, in Ready order.
+        match (write, self.writes.pending.back_mut()) {
+            (None, None) => {
+                self.raw.advance(number).map_err(fatal("advance"))?;
+                self.actions.extend(persisted.into_iter().map(Action::Send));
+            }
+            (None, Some(last)) => {
+                // Nothing to write: durable as soon as the writes before it are.
+                last.advance_to = number;
+                last.messages.extend(persisted);
+            }
+            (Some(last), _) => {
+                if self.writes.pending.len() >= self.writes.in_flight_max {
+                    // The syncer is far behind: everything queued becomes durable first.
+                    self.actions.push_back(Action::Flush);
+                    self.persisted(u64::MAX)?;
+                }
+                self.actions.push_back(Action::Write { number, entries });
+                self.writes.pending.push_back(PendingWrite {
+                    synced: number,
+                    last,
+                    advance_to: number,
+                    messages: persisted,
+                });
+            }
         }
         Ok(())
     }

@@ -1,0 +1,239 @@
+//! The checker: what clients were told against what every node serves.
+
+use super::*;
+
+impl Sim {
+    pub(super) fn served_log(&self, i: usize) -> Option<(LogIndex, BTreeMap<LogIndex, Bytes>)> {
+        let l = self.nodes[i].live.as_ref()?;
+        let mut out = BTreeMap::new();
+        let first = l.view.start.max(l.storage.wal().first_index());
+        let mut next = first;
+        loop {
+            match read_page(l.storage.wal(), || l.view.clone(), l.readable, next, 1000, 64 << 20) {
+                Ok(page) if page.records.is_empty() => break,
+                Ok(page) => {
+                    next = page.next;
+                    out.extend(page.records);
+                }
+                Err(_) => return None,
+            }
+        }
+        Some((first, out))
+    }
+
+    pub(super) fn check(&mut self) {
+        let mut v = Vec::new();
+        // Liveness: after the heal, a leader and acknowledged appends.
+        if self.leader_index().is_none() {
+            v.push("no leader at the end, 3 s after every fault healed".to_string());
+        }
+        if self.last_ack_ms + 500 < END_MS {
+            v.push(format!(
+                "no append acknowledged in the last 500 ms of a healed cluster (last at {} ms)",
+                self.last_ack_ms
+            ));
+        }
+        let log = self.check_logs(&mut v);
+        let acked = self.check_acked(&log, &mut v);
+        check_unique_and_in_producer_order(&log, &mut v);
+        self.check_real_time(acked, &mut v);
+        self.check_reads_and_follows(&log, &mut v);
+        v.truncate(20);
+        self.violations.extend(v);
+    }
+
+    /// Every node serves the same records on the range they all hold; returns the union.
+    fn check_logs(&self, v: &mut Vec<String>) -> FinalLog {
+        let logs: Vec<(NodeId, LogIndex, BTreeMap<LogIndex, Bytes>)> = (0..self.nodes.len())
+            .filter_map(|i| self.served_log(i).map(|(f, l)| (self.nodes[i].id, f, l)))
+            .collect();
+        let mut all: BTreeMap<LogIndex, Bytes> = BTreeMap::new();
+        let mut start = LogIndex(u64::MAX);
+        for (id, first, log) in &logs {
+            start = start.min(*first);
+            for (o, b) in log {
+                match all.get(o) {
+                    Some(other) if other != b => v.push(format!(
+                        "node {id} serves {b:?} at {o}, another node serves {other:?}"
+                    )),
+                    _ => {
+                        all.insert(*o, b.clone());
+                    }
+                }
+            }
+        }
+        // The same offsets served, too: one node may not hide what another serves.
+        let common_from = logs.iter().map(|l| l.1).max().unwrap_or(LogIndex(1));
+        let common_to = logs
+            .iter()
+            .map(|l| l.2.keys().next_back().copied().unwrap_or(LogIndex(0)))
+            .min()
+            .unwrap_or(LogIndex(0));
+        for (id, _, log) in &logs {
+            for (o, _) in all.range(common_from..=common_to) {
+                if !log.contains_key(o) {
+                    v.push(format!("node {id} does not serve {o}, which another node serves"));
+                }
+            }
+        }
+        FinalLog { all, start }
+    }
+
+    /// No acknowledged append lost: every acknowledged offset holds exactly its record.
+    /// Returns the acknowledged appends as (sent, acknowledged, first, last).
+    fn check_acked(&self, log: &FinalLog, v: &mut Vec<String>) -> Vec<Acked> {
+        let mut acked = Vec::new();
+        for (n, op) in self.ops.iter().enumerate() {
+            let (OpKind::Append { records, .. }, Some(OpResult::Appended { first, last })) =
+                (&op.kind, &op.result)
+            else {
+                continue;
+            };
+            acked.push(Acked {
+                sent: op.sent_ms,
+                done: op.done_ms.expect("done"),
+                first: *first,
+                last: *last,
+            });
+            if last.0 - first.0 + 1 != records.len() as u64 {
+                v.push(format!(
+                    "op {n}: {} records acknowledged at {first}..={last}",
+                    records.len()
+                ));
+                continue;
+            }
+            for (k, r) in records.iter().enumerate() {
+                let o = LogIndex(first.0 + k as u64);
+                if o < log.start {
+                    continue; // trimmed everywhere
+                }
+                match log.all.get(&o) {
+                    Some(b) if b == r => {}
+                    got => {
+                        v.push(format!("op {n}: acknowledged {r:?} at {o}, the log has {got:?}"))
+                    }
+                }
+            }
+        }
+        acked
+    }
+
+    /// Real-time order (an append acknowledged before another was sent has lower offsets), and
+    /// a linearizable read sees every append acknowledged before it was sent.
+    fn check_real_time(&self, acked: Vec<Acked>, v: &mut Vec<String>) {
+        let mut by_ack = acked.clone();
+        by_ack.sort_by_key(|a| a.done);
+        let mut by_sent = acked;
+        by_sent.sort_by_key(|a| a.sent);
+        let mut k = 0;
+        let mut max_last = LogIndex(0);
+        for b in &by_sent {
+            while k < by_ack.len() && by_ack[k].done < b.sent {
+                max_last = max_last.max(by_ack[k].last);
+                k += 1;
+            }
+            if max_last >= b.first {
+                v.push(format!(
+                    "an append sent at {} ms got {}, below {max_last} acknowledged before it",
+                    b.sent, b.first
+                ));
+            }
+        }
+        for (n, op) in self.ops.iter().enumerate() {
+            if let (OpKind::LinRead, Some(OpResult::ReadAt(at))) = (&op.kind, &op.result) {
+                let before = by_ack
+                    .iter()
+                    .filter(|a| a.done < op.sent_ms)
+                    .map(|a| a.last)
+                    .max()
+                    .unwrap_or(LogIndex(0));
+                if *at < before {
+                    v.push(format!("op {n}: linearizable read at {at} misses {before}"));
+                }
+            }
+        }
+    }
+
+    /// What any read served never changes; a follow never skips, repeats or goes back.
+    fn check_reads_and_follows(&self, log: &FinalLog, v: &mut Vec<String>) {
+        let (all, start) = (&log.all, log.start);
+        for (n, op) in self.ops.iter().enumerate() {
+            if let Some(OpResult::Records(records)) = &op.result {
+                for (o, b) in records {
+                    if *o >= start && all.get(o) != Some(b) {
+                        v.push(format!(
+                            "op {n}: a read served {b:?} at {o}; the log has {:?}",
+                            all.get(o)
+                        ));
+                    }
+                }
+            }
+        }
+        for c in &self.clients {
+            let mut prev = LogIndex(0);
+            for (o, b) in &c.followed {
+                if b.as_ref() == b"<trimmed>" {
+                    prev = o.prev();
+                    continue;
+                }
+                if *o <= prev {
+                    v.push(format!("client {}'s follow went from {prev} to {o}", c.id));
+                }
+                if *o >= start {
+                    if all.get(o) != Some(b) {
+                        v.push(format!(
+                            "client {}'s follow saw {b:?} at {o}; the log has {:?}",
+                            c.id,
+                            all.get(o)
+                        ));
+                    }
+                    // Nothing served between the previous record and this one was skipped.
+                    if let Some((skipped, _)) = all.range(prev.next().max(start)..*o).next() {
+                        v.push(format!("client {}'s follow skipped {skipped}", c.id));
+                    }
+                }
+                prev = *o;
+            }
+        }
+    }
+}
+
+/// The log every node serves, merged, from the lowest first offset any node still has.
+struct FinalLog {
+    all: BTreeMap<LogIndex, Bytes>,
+    start: LogIndex,
+}
+
+/// An acknowledged append.
+#[derive(Clone, Copy)]
+struct Acked {
+    sent: u64,
+    done: u64,
+    first: LogIndex,
+    last: LogIndex,
+}
+
+/// No record twice; a producer's records are in the log in sequence order.
+fn check_unique_and_in_producer_order(log: &FinalLog, v: &mut Vec<String>) {
+    let mut seen: HashMap<&Bytes, LogIndex> = HashMap::new();
+    for (o, b) in &log.all {
+        if let Some(before) = seen.insert(b, *o) {
+            v.push(format!("{b:?} is in the log twice: at {before} and {o}"));
+        }
+    }
+    let mut last_seq: HashMap<&str, (u64, LogIndex)> = HashMap::new();
+    for (o, b) in &log.all {
+        let text = std::str::from_utf8(b).unwrap_or("");
+        let mut parts = text.split('-');
+        let (Some(who), Some(seq)) = (parts.next(), parts.next()) else { continue };
+        let Some(seq) = seq.strip_prefix('s').and_then(|x| x.parse::<u64>().ok()) else {
+            continue;
+        };
+        if let Some(&(prev, at)) = last_seq.get(who)
+            && seq < prev
+        {
+            v.push(format!("{who}'s sequence {seq} is at {o}, after sequence {prev} at {at}"));
+        }
+        last_seq.insert(who, (seq, *o));
+    }
+}
