@@ -11,6 +11,7 @@ use anyhow::Context;
 use parking_lot::RwLock;
 use raftwal_consensus::{Config, LogIndex, NodeId, RawNode, Restored, bootstrap};
 use raftwal_transport::{Identity, Transport, TransportConfig};
+use raftwal_wal::storage::{FsStorage, Storage};
 use raftwal_wal::{Options as WalOptions, Wal};
 use tokio::sync::watch;
 
@@ -78,7 +79,10 @@ impl Node {
         let peers = cfg.parsed_peers()?;
         let wal = open_wal(&cfg, &peers)?;
         let (rc, core_config) = core_configs(&cfg);
-        let (core, start_addresses) = recover_core(wal.clone(), &cfg.data_dir, rc, core_config)?;
+        let dir: Arc<dyn Storage> = Arc::new(FsStorage::new(&cfg.data_dir).with_context(|| {
+            format!("cannot open the data directory {}", cfg.data_dir.display())
+        })?);
+        let (core, start_addresses) = recover_core(wal.clone(), dir.as_ref(), rc, core_config)?;
 
         let mut tc = TransportConfig::new(id, cfg.peer_listen, identity);
         for p in &peers {
@@ -116,7 +120,7 @@ impl Node {
         });
         let parts = DriverParts {
             core,
-            storage: NodeStorage::new(wal, cfg.data_dir.clone()),
+            storage: NodeStorage::new(wal, dir),
             shared: shared.clone(),
             transport,
             rx,
@@ -287,17 +291,17 @@ pub fn bootstrap_if_new(wal: &Wal, voters: &[NodeId]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Recovers a node's core from its WAL and its log-start file in `data_dir`: the membership
+/// Recovers a node's core from its WAL and its log-start file in `dir`: the membership
 /// and addresses as of the log start, consensus's hard state, and a log state to be rebuilt by
 /// applying the log again. Returns the core and the addresses kept with the log start.
 pub fn recover_core(
     wal: Arc<Wal>,
-    data_dir: &std::path::Path,
+    dir: &dyn Storage,
     raft: Config,
     core: CoreConfig,
 ) -> anyhow::Result<(NodeCore, Vec<Addresses>)> {
     let first = wal.first_index();
-    let start = store::read_log_start(data_dir, first)?;
+    let start = store::read_log_start(dir, first)?;
     let start_membership = start.as_ref().map(|r| r.membership.clone()).unwrap_or_default();
     let start_addresses = start.map(|r| r.addresses).unwrap_or_default();
     let restored = Restored {

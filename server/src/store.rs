@@ -3,20 +3,22 @@
 //! A WAL payload is the entry kind (one byte) followed by the entry data. Entries handed to
 //! consensus share the WAL's memory map: no copy.
 //!
-//! Layout of a node's data directory:
+//! Layout of a node's data directory (byte layouts and the crash argument in
+//! docs/node-format.md):
 //! ```text
 //! wal/         the raftwal-wal log and hard state
-//! log-start    the membership as of the WAL's first index - 1 (after a trim), checksummed
+//! log-start    the membership and addresses as of the WAL's first index - 1, checksummed
 //! ```
+//! Both go through the WAL's `Storage` trait, so a crash test on `FaultStorage` reaches them.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use raftwal_consensus::{
     Entry, EntryKind, LogIndex, LogStart, LogStore, Membership, StoreError, Term,
 };
+use raftwal_wal::storage::Storage;
 use raftwal_wal::{Entry as WalEntry, Record, Wal};
 
 use crate::envelope::{self, Addresses, Payload};
@@ -138,10 +140,9 @@ impl LogStore for WalStore {
     }
 }
 
-/// The file that keeps the membership as of the log start.
-pub fn log_start_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("log-start")
-}
+/// The file (in the node's data directory) that keeps the membership as of the log start.
+pub const LOG_START_FILE: &str = "log-start";
+const LOG_START_TMP: &str = "log-start.tmp";
 
 /// What the node keeps about its log start: the membership in effect just before it and the
 /// replicated node addresses known then (both would otherwise be lost with the trimmed entries).
@@ -155,53 +156,32 @@ pub struct StartRecord {
     pub addresses: Vec<Addresses>,
 }
 
-/// Reads the record for the log start `first_index`; `None` when the log was never trimmed or
-/// restarted. The file keeps one or two records: a trim or restart writes the old and the new
-/// start, changes the WAL, then writes only the new one, so a crash at any point leaves a
-/// record that matches the WAL's first index.
+/// Reads the record for the log start `first_index` from the data directory `dir`; `None` when
+/// the log was never trimmed or restarted. The file keeps one or two records: a trim or restart
+/// writes the old and the new start, changes the WAL, then writes only the new one, so a crash
+/// at any point leaves a record that matches the WAL's first index (docs/node-format.md).
 pub fn read_log_start(
-    data_dir: &Path,
+    dir: &dyn Storage,
     first_index: LogIndex,
 ) -> anyhow::Result<Option<StartRecord>> {
-    let path = log_start_path(data_dir);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let file = match dir.open(LOG_START_FILE) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        Err(e) => return Err(anyhow::anyhow!("cannot open {LOG_START_FILE}: {e}")),
     };
-    let damaged = |why: &str| anyhow::anyhow!("{} is damaged: {why}", path.display());
-    if bytes.len() < 8 {
-        return Err(damaged("too short"));
+    let damaged = |why: &str| anyhow::anyhow!("{LOG_START_FILE} is damaged: {why}");
+    let len = file.size().map_err(|e| anyhow::anyhow!("cannot read {LOG_START_FILE}: {e}"))?;
+    if len > LOG_START_BYTES_MAX {
+        return Err(damaged("larger than any record this node writes"));
     }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32fast::hash(body).to_le_bytes() != crc {
-        return Err(damaged("checksum mismatch"));
-    }
-    let mut at = 0;
-    let mut take = |n: usize| -> anyhow::Result<&[u8]> {
-        let s = body.get(at..at + n).ok_or_else(|| damaged("truncated"))?;
-        at += n;
-        Ok(s)
-    };
-    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-    let count = u32_of(take(4)?);
-    for _ in 0..count {
-        let first = LogIndex(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")));
-        let len = u32_of(take(4)?) as usize;
-        let membership = Membership::decode(take(len)?).ok_or_else(|| damaged("bad membership"))?;
-        let n = u32_of(take(4)?);
-        let mut addresses = Vec::new();
-        for _ in 0..n {
-            let len = u32_of(take(4)?) as usize;
-            let raw = Bytes::copy_from_slice(take(len)?);
-            match envelope::decode(&raw) {
-                Ok(Payload::Address(a)) => addresses.push(a),
-                _ => return Err(damaged("bad address")),
-            }
-        }
-        if first == first_index {
-            return Ok(Some(StartRecord { first_index: first, membership, addresses }));
-        }
+    let mut bytes = vec![0u8; len as usize];
+    let read = file
+        .read_at(&mut bytes, 0)
+        .map_err(|e| anyhow::anyhow!("cannot read {LOG_START_FILE}: {e}"))?;
+    bytes.truncate(read);
+    let records = decode_log_start(&bytes).map_err(&damaged)?;
+    if let Some(r) = records.into_iter().find(|r| r.first_index == first_index) {
+        return Ok(Some(r));
     }
     if first_index == LogIndex(1) {
         return Ok(None);
@@ -209,8 +189,46 @@ pub fn read_log_start(
     Err(damaged(&format!("no record for the log start {first_index}")))
 }
 
-/// Writes the records, atomically and durably (write, sync, rename, sync the directory).
-pub fn write_log_start(data_dir: &Path, records: &[StartRecord]) -> std::io::Result<()> {
+/// The largest log-start file this node reads: two records of a membership and addresses.
+const LOG_START_BYTES_MAX: u64 = 16 << 20;
+
+fn decode_log_start(bytes: &[u8]) -> Result<Vec<StartRecord>, &'static str> {
+    if bytes.len() < 8 {
+        return Err("too short");
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err("checksum mismatch");
+    }
+    let mut at = 0;
+    let mut take = |n: usize| -> Result<&[u8], &'static str> {
+        let s = body.get(at..at + n).ok_or("truncated")?;
+        at += n;
+        Ok(s)
+    };
+    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let count = u32_of(take(4)?);
+    let mut out = Vec::new();
+    for _ in 0..count.min(2) {
+        let first_index = LogIndex(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")));
+        let len = u32_of(take(4)?) as usize;
+        let membership = Membership::decode(take(len)?).ok_or("bad membership")?;
+        let n = u32_of(take(4)?);
+        let mut addresses = Vec::new();
+        for _ in 0..n {
+            let len = u32_of(take(4)?) as usize;
+            let raw = Bytes::copy_from_slice(take(len)?);
+            match envelope::decode(&raw) {
+                Ok(Payload::Address(a)) => addresses.push(a),
+                _ => return Err("bad address"),
+            }
+        }
+        out.push(StartRecord { first_index, membership, addresses });
+    }
+    Ok(out)
+}
+
+fn encode_log_start(records: &[StartRecord]) -> Vec<u8> {
     let mut bytes = (records.len() as u32).to_le_bytes().to_vec();
     for r in records {
         let m = r.membership.encode();
@@ -226,15 +244,23 @@ pub fn write_log_start(data_dir: &Path, records: &[StartRecord]) -> std::io::Res
     }
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
-    let tmp = data_dir.join("log-start.tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
+    bytes
+}
+
+/// Writes the records atomically and durably: a temporary file written and synced, renamed over
+/// the old one, the directory synced.
+pub fn write_log_start(dir: &dyn Storage, records: &[StartRecord]) -> std::io::Result<()> {
+    let bytes = encode_log_start(records);
+    match dir.remove(LOG_START_TMP) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    std::fs::rename(&tmp, log_start_path(data_dir))?;
-    std::fs::File::open(data_dir)?.sync_all()
+    let tmp = dir.create(LOG_START_TMP)?;
+    tmp.write_at(&bytes, 0)?;
+    tmp.sync_data()?;
+    dir.rename(LOG_START_TMP, LOG_START_FILE)?;
+    dir.sync_dir()
 }
 
 #[cfg(test)]
@@ -244,8 +270,9 @@ mod tests {
 
     #[test]
     fn the_record_matching_the_first_index_is_read_back_and_damage_is_an_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(read_log_start(dir.path(), LogIndex(1)).expect("absent"), None);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = raftwal_wal::storage::FsStorage::new(tmp.path()).expect("dir");
+        assert_eq!(read_log_start(&dir, LogIndex(1)).expect("absent"), None);
         let a = Addresses {
             id: NodeId(4),
             peer: "127.0.0.1:9".parse().expect("addr"),
@@ -261,14 +288,16 @@ mod tests {
             membership: Membership::new([NodeId(1), NodeId(4)]),
             addresses: vec![a],
         };
-        write_log_start(dir.path(), &[old.clone(), new.clone()]).expect("write");
-        assert_eq!(read_log_start(dir.path(), LogIndex(1)).expect("read"), Some(old));
-        assert_eq!(read_log_start(dir.path(), LogIndex(50)).expect("read"), Some(new));
-        assert!(read_log_start(dir.path(), LogIndex(7)).is_err(), "no record for that start");
-        let mut bytes = std::fs::read(log_start_path(dir.path())).expect("read");
+        write_log_start(&dir, &[old.clone(), new.clone()]).expect("write");
+        assert_eq!(read_log_start(&dir, LogIndex(1)).expect("read"), Some(old));
+        assert_eq!(read_log_start(&dir, LogIndex(50)).expect("read"), Some(new.clone()));
+        assert!(read_log_start(&dir, LogIndex(7)).is_err(), "no record for that start");
+        write_log_start(&dir, std::slice::from_ref(&new)).expect("write again over it");
+        let path = tmp.path().join(LOG_START_FILE);
+        let mut bytes = std::fs::read(&path).expect("read");
         bytes[6] ^= 1;
-        std::fs::write(log_start_path(dir.path()), bytes).expect("write");
-        let err = read_log_start(dir.path(), LogIndex(50)).expect_err("damaged");
+        std::fs::write(&path, bytes).expect("write");
+        let err = read_log_start(&dir, LogIndex(50)).expect_err("damaged");
         assert!(err.to_string().contains("checksum"), "{err}");
     }
 }

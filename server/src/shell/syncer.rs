@@ -1,11 +1,11 @@
 //! The core's storage actions carried out on the WAL and the log-start file, and the syncer
 //! thread that waits for queued writes in order.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use raftwal_consensus::{Entry, HardState, LogIndex};
+use raftwal_wal::storage::Storage;
 use raftwal_wal::{Entry as WalEntry, Ticket, Wal};
 
 use super::Event;
@@ -34,17 +34,18 @@ fn wal_err(op: &'static str) -> impl FnOnce(raftwal_wal::Error) -> StorageError 
     move |source| StorageError::Wal { op, source }
 }
 
-/// The node's storage: its WAL and data directory.
+/// The node's storage: its WAL and its data directory (for the log-start file), both through
+/// the WAL's `Storage` trait.
 #[derive(Debug, Clone)]
 pub struct NodeStorage {
     wal: Arc<Wal>,
-    data_dir: PathBuf,
+    dir: Arc<dyn Storage>,
 }
 
 impl NodeStorage {
-    /// The storage of a node whose WAL is `wal` and whose data directory is `data_dir`.
-    pub fn new(wal: Arc<Wal>, data_dir: PathBuf) -> NodeStorage {
-        NodeStorage { wal, data_dir }
+    /// The storage of a node whose WAL is `wal` and whose data directory is `dir`.
+    pub fn new(wal: Arc<Wal>, dir: Arc<dyn Storage>) -> NodeStorage {
+        NodeStorage { wal, dir }
     }
 
     /// The WAL.
@@ -103,7 +104,7 @@ impl NodeStorage {
         change: StartChange,
     ) -> Result<(), StorageError> {
         if old.first_index != new.first_index {
-            store::write_log_start(&self.data_dir, &[old.clone(), new.clone()])
+            store::write_log_start(self.dir.as_ref(), &[old.clone(), new.clone()])
                 .map_err(StorageError::LogStart)?;
         }
         match change {
@@ -114,7 +115,7 @@ impl NodeStorage {
                 self.wal.restart_at(new.first_index, prev_term).map_err(wal_err("restart"))?
             }
         }
-        store::write_log_start(&self.data_dir, std::slice::from_ref(new))
+        store::write_log_start(self.dir.as_ref(), std::slice::from_ref(new))
             .map_err(StorageError::LogStart)
     }
 }

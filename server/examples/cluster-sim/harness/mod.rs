@@ -62,9 +62,11 @@ pub struct RunReport {
     pub acked: u64,
 }
 
+/// A node's disk: its WAL's directory and its data directory (the log-start file), each a
+/// FaultStorage; a crash takes an image of both.
 struct Disk {
     fs: FaultStorage,
-    dir: tempfile::TempDir,
+    dir: FaultStorage,
 }
 
 struct Live {
@@ -215,7 +217,7 @@ impl Sim {
         let nodes = voters
             .iter()
             .map(|&id| {
-                let disk = Disk { fs: FaultStorage::new(), dir: tempfile::tempdir().expect("dir") };
+                let disk = Disk { fs: FaultStorage::new(), dir: FaultStorage::new() };
                 let wal = Wal::open_with(Arc::new(disk.fs.clone()), wal_options()).expect("wal");
                 bootstrap_if_new(&wal, &voters).expect("bootstrap");
                 drop(wal);
@@ -307,9 +309,9 @@ impl Sim {
             writes_in_flight_max: 64,
             planted: self.opts.bug,
         };
-        match recover_core(wal.clone(), node.disk.dir.path(), raft, core_config) {
+        match recover_core(wal.clone(), &node.disk.dir, raft, core_config) {
             Ok((core, _)) => {
-                let storage = NodeStorage::new(wal.clone(), node.disk.dir.path().to_path_buf());
+                let storage = NodeStorage::new(wal.clone(), Arc::new(node.disk.dir.clone()));
                 let readable = wal.first_index().prev();
                 node.live = Some(Live {
                     core,
@@ -348,6 +350,7 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.live = None;
         node.disk.fs = node.disk.fs.crash_image(spec);
+        node.disk.dir = node.disk.dir.crash_image(CrashSpec { seed: spec.seed ^ 1, ..spec });
         node.down_until_ms = self.now + down;
         let line = format!("node {} crashes ({why}), down for {down} ms", node.id);
         self.log(line);
