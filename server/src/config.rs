@@ -64,6 +64,10 @@ impl fmt::Display for Peer {
 pub struct NodeConfig {
     /// This node's id (> 0).
     pub id: u64,
+    /// The cluster's id (> 0), the same on every node of one cluster: peers of another cluster
+    /// are refused, even under the same CA. `raftwal certs init`, `raftwal dev` and the local
+    /// tools make a random one.
+    pub cluster_id: u64,
     /// Where the WAL and the node's state live.
     pub data_dir: PathBuf,
     /// QUIC address for peers.
@@ -130,6 +134,7 @@ impl NodeConfig {
             api_advertise: String::new(),
             peers: Vec::new(),
             join: false,
+            cluster_id: 0,
             tls_ca: PathBuf::from("certs/ca.pem"),
             tls_cert: PathBuf::from("certs/node-1.pem"),
             tls_key: PathBuf::from("certs/node-1.key"),
@@ -182,6 +187,12 @@ impl NodeConfig {
         let peers = self.parsed_peers()?;
         if peers.iter().any(|p| p.id.0 == self.id) {
             bail!("peers: lists this node's own id {}", self.id);
+        }
+        if self.cluster_id == 0 {
+            bail!(
+                "cluster_id: set it to the same number (> 0) on every node of the cluster, and \
+                 to different numbers on different clusters (`raftwal certs init` prints one)"
+            );
         }
         if self.tick_ms == 0
             || self.election_ticks <= self.heartbeat_ticks
@@ -344,7 +355,7 @@ mod tests {
     fn later_layers_win_and_sources_are_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("node.toml");
-        std::fs::write(&file, "id = 2\ntick_ms = 20\npeers = [\"1@127.0.0.1:1@a:1\"]\n")
+        std::fs::write(&file, "id = 2\ncluster_id = 9\ntick_ms = 20\npeers = [\"1@127.0.0.1:1@a:1\"]\n")
             .expect("write");
         let env =
             vec![("RAFTWAL_TICK_MS".to_string(), "30".to_string()), ("HOME".into(), "/".into())];
@@ -371,5 +382,6 @@ mod tests {
         assert!(err(&[("id", "0")]).contains("reserved"));
         assert!(err(&[("peers", "1@x@y")]).contains("bad peer address"));
         assert!(err(&[("peers", "1@127.0.0.1:1@a"), ("id", "1")]).contains("own id"));
+        assert!(err(&[("id", "1")]).contains("cluster_id: set it"), "no cluster id");
     }
 }

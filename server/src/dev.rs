@@ -33,6 +33,7 @@ pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
         )?;
     }
     let abs = std::fs::canonicalize(dir)?;
+    let cluster_id = local::random_cluster_id();
     let mut endpoints = Vec::new();
     for id in 1..=nodes {
         let (api, peer, http) = dev_ports(host, id);
@@ -46,7 +47,7 @@ pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
             .collect();
         let config = format!(
             "# raftwal dev: node {id}. Edit freely; `raftwal config show --config {path}` shows the effect.\n\
-             id = {id}\ndata_dir = \"{data}\"\napi_listen = \"{api}\"\npeer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\n\
+             id = {id}\ncluster_id = {cluster_id}\ndata_dir = \"{data}\"\napi_listen = \"{api}\"\npeer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\n\
              peers = [{peers}]\ntls_ca = \"{certs}/ca.pem\"\ntls_cert = \"{certs}/node-{id}.pem\"\ntls_key = \"{certs}/node-{id}.key\"\n",
             path = abs.join(format!("node-{id}.toml")).display(),
             data = abs.join(format!("node-{id}")).display(),

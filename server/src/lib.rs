@@ -20,6 +20,7 @@ pub mod config;
 pub mod core;
 pub mod envelope;
 pub mod http;
+pub mod identity;
 pub mod local;
 pub mod node;
 pub mod read;

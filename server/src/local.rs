@@ -32,6 +32,19 @@ pub fn certs_init(dir: &Path, nodes: u64, names: &[String]) -> anyhow::Result<()
     Ok(())
 }
 
+/// A random cluster id (> 0), from the standard library's per-process random keys.
+pub fn random_cluster_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish().max(1)
+}
+
 /// Writes a file; keys (`*.key`) readable by the owner only.
 pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("write {}", path.display()))?;
@@ -56,10 +69,12 @@ pub fn configs(dir: &Path, founders: u64, spare: u64) -> anyhow::Result<BTreeMap
         peer_addrs.insert(id, socket.local_addr()?);
     }
     let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    let cluster_id = random_cluster_id();
     let mut out = BTreeMap::new();
     for id in 1..=founders + spare {
         let mut c = NodeConfig::defaults();
         c.id = id;
+        c.cluster_id = cluster_id;
         c.data_dir = dir.join(format!("node-{id}"));
         c.peer_listen = peer_addrs[&id];
         c.api_listen = any;

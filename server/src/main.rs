@@ -187,6 +187,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(CertsCommand::Init { dir, nodes, names }) => {
             raftwal_server::local::certs_init(&dir, nodes, &names)?;
             outln!("wrote ca.pem, node-1..{nodes}.pem/.key, client.pem/.key to {}", dir.display());
+            outln!(
+                "a new cluster id for every node's config: cluster_id = {}",
+                raftwal_server::local::random_cluster_id()
+            );
             Ok(())
         }
         Command::Client(cmd) => cli::run(cmd).await,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use parking_lot::RwLock;
-use raftwal_consensus::{Config, LogIndex, NodeId, RawNode, Restored, bootstrap};
-use raftwal_transport::{Identity, Transport, TransportConfig};
+use raftwal_consensus::{Config, GroupId, LogIndex, NodeId, RawNode, Restored, bootstrap};
+use raftwal_transport::{Identity, PeerIdentity, Transport, TransportConfig};
 use raftwal_wal::storage::{FsStorage, Storage};
 use raftwal_wal::{Options as WalOptions, Wal};
 use tokio::sync::watch;
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::config::NodeConfig;
 use crate::core::{CoreConfig, Members, NodeCore, ReadView};
 use crate::envelope::Addresses;
+use crate::identity::{self, KnownPeers};
 use crate::shell::{self, DriverFailure, DriverHandle, DriverParts, NodeStorage, Shared};
 use crate::store::{self, WalStore};
 use crate::{api, http};
@@ -77,23 +78,21 @@ impl Node {
         let identity =
             Identity::from_pem(&pem.ca, &pem.cert, &pem.key).context("the node's TLS identity")?;
         let peers = cfg.parsed_peers()?;
+        let (dir, me) = open_data_dir(&cfg)?;
+        let book = Arc::new(KnownPeers::load(dir.clone())?);
         let wal = open_wal(&cfg, &peers)?;
         let (rc, core_config) = core_configs(&cfg);
-        let dir: Arc<dyn Storage> = Arc::new(FsStorage::new(&cfg.data_dir).with_context(|| {
-            format!("cannot open the data directory {}", cfg.data_dir.display())
-        })?);
         let (core, start_addresses) = recover_core(wal.clone(), dir.as_ref(), rc, core_config)?;
 
         let mut tc = TransportConfig::new(id, cfg.peer_listen, identity);
-        for p in &peers {
-            tc.peers.insert(p.id, p.peer_addr);
-        }
-        for a in start_addresses.iter().filter(|a| a.id != id) {
-            tc.peers.insert(a.id, a.peer);
-        }
+        tc.me = me;
+        tc.book = book.clone();
+        tc.peers.extend(peers.iter().map(|p| (p.id, p.peer_addr)));
+        tc.peers.extend(start_addresses.iter().filter(|a| a.id != id).map(|a| (a.id, a.peer)));
         let (transport, mut inbox) =
             start_transport(tc).await.context("start the peer transport")?;
         let peer_addr = transport.local_addr();
+        let refusal = transport.refusal();
 
         let mut api_addrs: BTreeMap<NodeId, String> =
             peers.iter().map(|p| (p.id, p.api_addr.clone())).collect();
@@ -121,6 +120,7 @@ impl Node {
         let parts = DriverParts {
             core,
             storage: NodeStorage::new(wal, dir),
+            book,
             shared: shared.clone(),
             transport,
             rx,
@@ -144,6 +144,7 @@ impl Node {
             shutdown_rx.clone(),
         )?;
         let http_task = http::serve(shared.clone(), http_listener, shutdown_rx);
+        let refusal_task = tokio::spawn(stop_when_refused(refusal, shared.clone()));
         tracing::info!(node = id.0, %api_addr, %http_addr, %peer_addr, "node started");
         Ok(Node {
             shared,
@@ -153,7 +154,7 @@ impl Node {
             peer_addr,
             driver_thread: Some(driver_thread),
             shutdown,
-            servers: vec![inbox_task, api_task, http_task],
+            servers: vec![inbox_task, api_task, http_task, refusal_task],
         })
     }
 
@@ -187,6 +188,28 @@ impl Node {
                 result.map_err(|e| anyhow::anyhow!("the driver failed: {e}"))
             }
         }
+    }
+}
+
+/// Opens the data directory and reads (or, for a new one, makes) its identity: the cluster and
+/// node it belongs to and its incarnation, which peers check.
+fn open_data_dir(cfg: &NodeConfig) -> anyhow::Result<(Arc<dyn Storage>, PeerIdentity)> {
+    let dir: Arc<dyn Storage> =
+        Arc::new(FsStorage::new(&cfg.data_dir).with_context(|| {
+            format!("cannot open the data directory {}", cfg.data_dir.display())
+        })?);
+    let made = identity::load_or_create(dir.as_ref(), cfg.cluster_id, NodeId(cfg.id), seed())?;
+    Ok((dir, PeerIdentity { cluster: made.cluster, incarnation: made.incarnation }))
+}
+
+/// A peer refused this node (another cluster, or a data directory it does not know as this
+/// node's): the node must not go on as a voter. Its failure makes /livez fail and
+/// `raftwal node` exit with the reason.
+async fn stop_when_refused(mut refusal: watch::Receiver<Option<String>>, shared: Arc<Shared>) {
+    if let Ok(why) = refusal.wait_for(Option::is_some).await {
+        let why = why.clone().unwrap_or_default();
+        tracing::error!(%why, "refusing to go on");
+        shared.failure.send_replace(Some(format!("refusing to go on: {why}")));
     }
 }
 
@@ -259,6 +282,8 @@ fn core_configs(cfg: &NodeConfig) -> (Config, CoreConfig) {
     let id = NodeId(cfg.id);
     let seed = seed();
     let mut rc = Config::new(id, seed);
+    // Messages of another cluster's group are refused by consensus too.
+    rc.group = GroupId(cfg.cluster_id);
     rc.election_ticks = cfg.election_ticks;
     rc.heartbeat_ticks = cfg.heartbeat_ticks;
     rc.uncommitted_bytes_max = cfg.uncommitted_bytes_max;

@@ -454,3 +454,47 @@ async fn a_follow_from_beyond_the_end_of_the_log_is_refused() {
     raw.follow(tail).await.expect("a follow of the tail");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_lost_its_data_is_refused_until_removed_and_added_again_as_a_learner() {
+    let mut c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let victim = (1..=3).find(|&id| id != leader).expect("a follower");
+    let client = c.client().await;
+    let before = client.append(vec![b"before".to_vec()]).await.expect("append");
+    c.wait_applied(victim, before.last_offset.0).await;
+
+    // The victim loses its data directory and starts again with the same config: its votes
+    // and acknowledgements are forgotten, so its peers must not take it back as the voter.
+    c.stop_node(victim).await;
+    let data = c.configs[&victim].data_dir.clone();
+    std::fs::remove_dir_all(&data).expect("wipe");
+    c.start_node(victim).await;
+    let why = tokio::time::timeout(Duration::from_secs(10), c.nodes[&victim].failed())
+        .await
+        .expect("the wiped node stops within 10 s");
+    assert!(why.contains("lost its data"), "{why}");
+    // The others go on.
+    let during = client.append(vec![b"during".to_vec()]).await.expect("the quorum carries on");
+
+    // The way back: remove it, wipe again, start it empty as a joiner, add it as a learner.
+    c.stop_node(victim).await;
+    c.client_of(c.leader().await).await.remove(NodeId(victim)).await.expect("remove");
+    std::fs::remove_dir_all(&data).expect("wipe again");
+    c.configs.get_mut(&victim).expect("config").join = true;
+    let leader = c.leader().await;
+    c.start_node(victim).await;
+    let cfg = c.configs[&victim].clone();
+    let leader_client = c.client_of(leader).await;
+    let m = leader_client
+        .add_learner(NodeId(victim), &cfg.peer_listen.to_string(), &cfg.api_listen.to_string())
+        .await
+        .expect("add it back as a learner");
+    assert!(m.members.iter().any(|x| x.id == NodeId(victim) && x.kind == "learner"), "{m:?}");
+    c.wait_applied(victim, during.last_offset.0).await;
+    let got = read_all(&c.client_of(victim).await).await;
+    assert!(got.contains(&(before.first_offset.0, b"before".to_vec())), "{got:?}");
+    assert!(got.contains(&(during.first_offset.0, b"during".to_vec())), "{got:?}");
+    assert!(c.nodes[&victim].shared.failure.borrow().is_none(), "the new learner runs");
+    c.shutdown().await;
+}

@@ -27,6 +27,11 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 
 use crate::frame::{self, EncodedFrame, FrameLimits};
+use crate::handshake::{
+    CLOSE_PROTOCOL, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_PEER, GREETING_BYTES, HELLO_KIND, PeerBook,
+    PeerIdentity, STREAM_HEADER_BYTES, WELCOME_KIND, greeting, header_bytes, judge, parse_greeting,
+    parse_header, refusal_of,
+};
 use crate::tls::{self, Identity, TlsError};
 
 /// Which stream a message travels on.
@@ -70,22 +75,9 @@ impl Lane {
     }
 }
 
-const STREAM_MAGIC: &[u8; 4] = b"RWP1";
-const STREAM_VERSION: u8 = 1;
-const STREAM_HEADER_BYTES: usize = 16;
-/// The lane byte of the acceptor's welcome stream: the first stream an acceptor opens, once it
-/// has identified the dialer. TLS 1.3 lets a client finish its handshake before the server has
-/// checked the client's certificate, so without it a dialer the acceptor refuses would count
-/// itself connected for a moment (and reset its backoff) on every attempt.
-const WELCOME_LANE: u8 = 0xff;
-/// How long a peer may take to send a stream's header (or its welcome) before the stream (or
-/// the connection) is refused.
+/// How long a peer may take to send a stream's header, its hello or its welcome before the
+/// stream (or the connection) is refused.
 const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// QUIC application close codes.
-const CLOSE_SHUTDOWN: u32 = 0;
-const CLOSE_UNKNOWN_PEER: u32 = 1;
-const CLOSE_PROTOCOL: u32 = 2;
 
 /// Everything a transport needs. [`TransportConfig::new`] gives LAN defaults.
 #[derive(Clone, Debug)]
@@ -98,6 +90,11 @@ pub struct TransportConfig {
     pub peers: BTreeMap<NodeId, SocketAddr>,
     /// This node's certificate, key and the cluster CA.
     pub identity: Identity,
+    /// This node's cluster and data-directory incarnation, told to every peer; a peer of
+    /// another cluster is refused.
+    pub me: PeerIdentity,
+    /// Which incarnation of each peer this node admits.
+    pub book: Arc<dyn PeerBook>,
     /// Messages queued per peer and lane before sends are refused.
     pub queue_msgs_max: usize,
     /// Bytes queued per peer on the replication lane before sends are refused (control and
@@ -161,6 +158,8 @@ impl TransportConfig {
             listen,
             peers: BTreeMap::new(),
             identity,
+            me: PeerIdentity::default(),
+            book: Arc::new(crate::handshake::AdmitAll),
             queue_msgs_max: 4096,
             queue_bytes_max: 64 << 20,
             inbox_msgs_max: 8192,
@@ -273,6 +272,10 @@ struct Shared {
     backoff: (Duration, Duration),
     shutdown: watch::Sender<bool>,
     rejected: RejectMetrics,
+    me: PeerIdentity,
+    book: Arc<dyn PeerBook>,
+    /// Set when a peer refused this node for its cluster or its data directory.
+    refusal: watch::Sender<Option<String>>,
 }
 
 struct RejectMetrics {
@@ -281,6 +284,7 @@ struct RejectMetrics {
     stream_header: Counter,
     frame: Counter,
     sender: Counter,
+    identity: Counter,
 }
 
 /// A running transport. Dropping it without [`Transport::shutdown`] leaves its tasks running
@@ -328,7 +332,11 @@ impl Transport {
                 stream_header: reject("stream_header"),
                 frame: reject("frame"),
                 sender: reject("sender"),
+                identity: reject("identity"),
             },
+            me: config.me,
+            book: config.book.clone(),
+            refusal: watch::Sender::new(None),
         });
         tokio::spawn(accept_loop(shared.clone()));
         let transport = Transport { shared };
@@ -435,6 +443,13 @@ impl Transport {
         peers.get(&peer).map(|p| p.lanes[lane as usize].queued_bytes.load(Ordering::Relaxed))
     }
 
+    /// Set (with the reason) when a peer refused this node for belonging to another cluster or
+    /// for a data directory it does not know as this node's: the node must not go on as a
+    /// voter.
+    pub fn refusal(&self) -> watch::Receiver<Option<String>> {
+        self.shared.refusal.subscribe()
+    }
+
     /// Whether a connection to `peer` is up.
     pub fn is_connected(&self, peer: NodeId) -> bool {
         let peers = self.shared.peers.lock().expect("peers lock");
@@ -484,10 +499,10 @@ async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>) {
             conn = attempt => conn,
             () = stopped(&shared, &peer) => return,
         };
-        // Connected only once the acceptor has identified us and said so.
+        // Connected only once the acceptor has identified us and welcomed us, and we it.
         let conn = match conn {
             Some(conn) => tokio::select! {
-                welcomed = await_welcome(&conn, peer.id) => welcomed.then_some(conn),
+                welcomed = greet_acceptor(&shared, &conn, peer.id) => welcomed.then_some(conn),
                 () = stopped(&shared, &peer) => return,
             },
             None => None,
@@ -565,14 +580,23 @@ async fn accept_loop(shared: Arc<Shared>) {
                 conn.close(quinn::VarInt::from_u32(CLOSE_UNKNOWN_PEER), b"unknown peer");
                 return;
             };
-            // The welcome is this connection's first stream from us, opened before the writers
-            // can open theirs, so it is the first stream the dialer accepts.
-            let welcome = open_stream_with_header(&conn, welcome_header(shared.id), 0).await;
-            if welcome.is_none_or(|mut stream| stream.finish().is_err()) {
+            // The dialer's hello is its first stream; our welcome is our first, opened before
+            // the writers can open theirs, so it is the first stream the dialer accepts.
+            let Some(theirs) = read_greeting(&conn, HELLO_KIND, peer.id).await else {
+                shared.rejected.stream_header.increment(1);
+                conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no hello");
+                return;
+            };
+            if !admit(&shared, &conn, peer.id, theirs) {
+                return;
+            }
+            if !send_greeting(&shared, &conn, WELCOME_KIND).await {
                 conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"welcome not sent");
                 return;
             }
-            serve_connection(&shared, &peer, conn).await;
+            serve_connection(&shared, &peer, conn.clone()).await;
+            // The dialer may refuse our welcome (it knows another data directory as ours).
+            note_refusal(&shared, &conn, peer.id);
         });
     }
 }
@@ -648,52 +672,75 @@ async fn read_stream(
     }
 }
 
-fn header_bytes(lane: u8, from: NodeId) -> [u8; STREAM_HEADER_BYTES] {
-    let mut header = [0u8; STREAM_HEADER_BYTES];
-    header[..4].copy_from_slice(STREAM_MAGIC);
-    header[4] = STREAM_VERSION;
-    header[5] = lane;
-    header[8..].copy_from_slice(&from.0.to_le_bytes());
-    header
-}
-
 fn stream_header(lane: Lane, from: NodeId) -> [u8; STREAM_HEADER_BYTES] {
     header_bytes(lane as u8, from)
-}
-
-fn welcome_header(from: NodeId) -> [u8; STREAM_HEADER_BYTES] {
-    header_bytes(WELCOME_LANE, from)
-}
-
-/// The lane byte of a well-formed header from `expected`.
-fn parse_header(header: &[u8; STREAM_HEADER_BYTES], expected: NodeId) -> Option<u8> {
-    if &header[..4] != STREAM_MAGIC || header[4] != STREAM_VERSION || header[6..8] != [0, 0] {
-        return None;
-    }
-    let from = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-    (from == expected.0).then_some(header[5])
 }
 
 fn parse_stream_header(header: &[u8; STREAM_HEADER_BYTES], expected: NodeId) -> Option<Lane> {
     LANES.get(parse_header(header, expected)? as usize).copied()
 }
 
-/// Whether the acceptor `peer` welcomed this connection: its first stream carries only a welcome
-/// header naming it. False if the connection closes first (the acceptor refused us) or nothing
-/// comes in time.
-async fn await_welcome(conn: &quinn::Connection, peer: NodeId) -> bool {
-    let welcome = async {
+/// Reads the greeting of `kind` that `peer` opens this connection with (its first stream).
+async fn read_greeting(conn: &quinn::Connection, kind: u8, peer: NodeId) -> Option<PeerIdentity> {
+    let read = async {
         let mut recv = conn.accept_uni().await.ok()?;
-        let mut header = [0u8; STREAM_HEADER_BYTES];
-        recv.read_exact(&mut header).await.ok()?;
-        (parse_header(&header, peer)? == WELCOME_LANE).then_some(())
+        let mut bytes = [0u8; GREETING_BYTES];
+        recv.read_exact(&mut bytes).await.ok()?;
+        parse_greeting(&bytes, kind, peer)
     };
-    let welcomed =
-        matches!(tokio::time::timeout(STREAM_HEADER_TIMEOUT, welcome).await, Ok(Some(())));
-    if !welcomed {
-        conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no welcome");
+    tokio::time::timeout(STREAM_HEADER_TIMEOUT, read).await.ok().flatten()
+}
+
+/// Opens a stream with our greeting of `kind` and ends it.
+async fn send_greeting(shared: &Shared, conn: &quinn::Connection, kind: u8) -> bool {
+    let bytes = greeting(kind, shared.id, shared.me);
+    let mut send = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    send.write_all(&bytes).await.is_ok() && send.finish().is_ok()
+}
+
+/// Checks `peer`'s greeting; closes the connection with the reason when it is refused.
+fn admit(shared: &Shared, conn: &quinn::Connection, peer: NodeId, theirs: PeerIdentity) -> bool {
+    match judge(shared.book.as_ref(), shared.me, peer, theirs) {
+        None => true,
+        Some((code, why)) => {
+            tracing::error!(%peer, %why, "refused a peer");
+            shared.rejected.identity.increment(1);
+            conn.close(quinn::VarInt::from_u32(code), why.as_bytes());
+            false
+        }
     }
-    welcomed
+}
+
+/// The dialer's side: say hello, then wait for the acceptor's welcome and check it. False if
+/// the acceptor refused us (then [`Transport::refusal`] says why), said nothing in time, or we
+/// refuse it.
+async fn greet_acceptor(shared: &Shared, conn: &quinn::Connection, peer: NodeId) -> bool {
+    let welcomed = if send_greeting(shared, conn, HELLO_KIND).await {
+        read_greeting(conn, WELCOME_KIND, peer).await
+    } else {
+        None
+    };
+    match welcomed {
+        Some(theirs) => admit(shared, conn, peer, theirs),
+        None => {
+            // Let a close that is on its way arrive, to learn why.
+            let _ = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
+            note_refusal(shared, conn, peer);
+            conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no welcome");
+            false
+        }
+    }
+}
+
+/// Records that `peer` refused us for our cluster or our data directory, if it did.
+fn note_refusal(shared: &Shared, conn: &quinn::Connection, peer: NodeId) {
+    if let Some(why) = refusal_of(conn) {
+        tracing::error!(%peer, %why, "a peer refuses this node");
+        shared.refusal.send_replace(Some(format!("node {peer} refuses this node: {why}")));
+    }
 }
 
 async fn write_lane(
@@ -748,16 +795,8 @@ async fn open_stream(
     lane: Lane,
     from: NodeId,
 ) -> Option<quinn::SendStream> {
-    open_stream_with_header(conn, stream_header(lane, from), lane.priority()).await
-}
-
-async fn open_stream_with_header(
-    conn: &quinn::Connection,
-    header: [u8; STREAM_HEADER_BYTES],
-    priority: i32,
-) -> Option<quinn::SendStream> {
     let mut send = conn.open_uni().await.ok()?;
-    send.set_priority(priority).ok()?;
-    send.write_all(&header).await.ok()?;
+    send.set_priority(lane.priority()).ok()?;
+    send.write_all(&stream_header(lane, from)).await.ok()?;
     Some(send)
 }

@@ -10,8 +10,10 @@
 pub mod certs;
 mod endpoint;
 pub mod frame;
+mod handshake;
 mod tls;
 
 pub use endpoint::{Lane, SendError, StartError, Transport, TransportConfig, quinn_configs};
 pub use frame::{EncodedFrame, FrameError, FrameLimits, decode, encode};
+pub use handshake::{AdmitAll, PeerBook, PeerIdentity, Refusal};
 pub use tls::{ALPN, Identity, TlsError, node_name};

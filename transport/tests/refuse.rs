@@ -182,6 +182,12 @@ async fn attack(
     let endpoint = raw_client(&pki.ca.cert_pem(), Some(&pki.bundle(1)));
     let conn =
         endpoint.connect(addr, &node_name(NodeId(2))).expect("connect").await.expect("handshake");
+    // The hello a real node 1 opens with (cluster 0, incarnation 0: what `lone` nodes expect).
+    let mut hello = conn.open_uni().await.expect("hello stream");
+    let mut greeting = stream_header(1, 0xfe);
+    greeting.extend_from_slice(&[0u8; 16]);
+    hello.write_all(&greeting).await.expect("hello");
+    hello.finish().expect("finish hello");
     let mut send = conn.open_uni().await.expect("stream");
     send.write_all(&bytes).await.expect("write");
     if finish {
@@ -257,4 +263,70 @@ async fn bad_frames_from_an_authenticated_peer_close_its_connection() {
     assert_eq!(recv(&mut inbox, 10).await, heartbeat(1, 2, 11));
     node1.shutdown().await;
     node2.shutdown().await;
+}
+
+/// Waits up to 5 s for `transport` to report that a peer refused it.
+async fn refused(transport: &Transport) -> String {
+    let mut refusal = transport.refusal();
+    let got = tokio::time::timeout(Duration::from_secs(5), refusal.wait_for(Option::is_some)).await;
+    got.expect("refused in time").expect("transport alive").clone().expect("a reason")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_under_the_same_ca_is_refused_and_told_so() {
+    let pki = Pki::new();
+    // Nodes 1 and 2 have valid certificates of the same CA, but different cluster ids.
+    let mut nodes = start_all(vec![(1, pki.identity(1)), (2, pki.identity(2))], |c| {
+        c.me = raftwal_transport::PeerIdentity { cluster: 100 + c.id.0, incarnation: 1 };
+    });
+    let _ = nodes[&1].transport.send(&heartbeat(1, 2, 1));
+    // Node 2 refuses node 1's hello; node 1, the dialer, is told why.
+    let why = refused(&nodes[&1].transport).await;
+    assert!(why.contains("cluster"), "{why}");
+    assert!(!nodes[&1].transport.is_connected(NodeId(2)));
+    let got = nodes.get_mut(&2).expect("node").inbox.try_recv();
+    assert!(got.is_err(), "nothing from the other cluster arrives: {got:?}");
+    for node in nodes.into_values() {
+        node.transport.shutdown().await;
+    }
+}
+
+/// A book that knows one incarnation per peer, as a node's does.
+#[derive(Debug)]
+struct Knows(u64);
+
+impl raftwal_transport::PeerBook for Knows {
+    fn admit(&self, peer: NodeId, incarnation: u64) -> Result<(), raftwal_transport::Refusal> {
+        if incarnation == self.0 {
+            Ok(())
+        } else {
+            Err(raftwal_transport::Refusal(format!(
+                "node {peer} comes with data directory {incarnation}, not {}: it lost its data",
+                self.0
+            )))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_data_directory_is_not_the_one_known_is_refused_either_way() {
+    let pki = Pki::new();
+    // The lower id dials: first the acceptor (node 2) comes with an unknown data directory,
+    // then the dialer (node 1) does.
+    for stale in [2u64, 1] {
+        let mut nodes = start_all(vec![(1, pki.identity(1)), (2, pki.identity(2))], |c| {
+            let incarnation = if c.id.0 == stale { 9 } else { 7 };
+            c.me = raftwal_transport::PeerIdentity { cluster: 5, incarnation };
+            c.book = std::sync::Arc::new(Knows(7));
+        });
+        let _ = nodes[&1].transport.send(&heartbeat(1, 2, 1));
+        let why = refused(&nodes[&stale].transport).await;
+        assert!(why.contains("lost its data"), "node {stale}: {why}");
+        assert!(!nodes[&1].transport.is_connected(NodeId(2)));
+        let got = nodes.get_mut(&2).expect("node").inbox.try_recv();
+        assert!(got.is_err(), "nothing from a refused peer arrives: {got:?}");
+        for node in nodes.into_values() {
+            node.transport.shutdown().await;
+        }
+    }
 }

@@ -172,6 +172,8 @@ impl EventQueue {
 pub struct DriverParts {
     pub core: NodeCore,
     pub storage: NodeStorage,
+    /// The peers' data directories this node knows; a node that leaves is forgotten.
+    pub book: Arc<crate::identity::KnownPeers>,
     pub shared: Arc<Shared>,
     pub transport: Transport,
     pub rx: EventQueue,
@@ -208,6 +210,7 @@ pub enum DriverFailure {
 struct Driver {
     core: NodeCore,
     storage: NodeStorage,
+    book: Arc<crate::identity::KnownPeers>,
     shared: Arc<Shared>,
     transport: Transport,
     /// Callers waiting for the outcome of their requests.
@@ -223,7 +226,7 @@ struct Driver {
 /// Runs the driver until shutdown or a fatal error (a WAL failure, a consensus error that means
 /// the node's own state is broken). Returns the error, if any.
 pub fn run(parts: DriverParts) -> (Result<(), DriverFailure>, Transport) {
-    let DriverParts { core, storage, shared, transport, rx, handle, tick, runtime } = parts;
+    let DriverParts { core, storage, book, shared, transport, rx, handle, tick, runtime } = parts;
     let _guard = runtime.enter();
     let (syncer, syncer_rx) = std::sync::mpsc::channel();
     // Bounded by the writes in flight (one completion each) and a little more.
@@ -237,6 +240,7 @@ pub fn run(parts: DriverParts) -> (Result<(), DriverFailure>, Transport) {
     let mut d = Driver {
         core,
         storage,
+        book,
         shared,
         transport,
         callers: HashMap::new(),
@@ -392,6 +396,10 @@ impl Driver {
             Action::Forget(id) => {
                 tracing::info!(node = %id, "no longer a member: stop reaching it");
                 self.transport.remove_peer(id);
+                // Added again later, it comes as a new peer (with a new data directory).
+                if let Err(e) = self.book.forget(id) {
+                    tracing::warn!(node = %id, error = %e, "could not forget a removed peer");
+                }
             }
         }
         Ok(())
