@@ -355,8 +355,11 @@ mod tests {
     fn later_layers_win_and_sources_are_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("node.toml");
-        std::fs::write(&file, "id = 2\ncluster_id = 9\ntick_ms = 20\npeers = [\"1@127.0.0.1:1@a:1\"]\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "id = 2\ncluster_id = 9\ntick_ms = 20\npeers = [\"1@127.0.0.1:1@a:1\"]\n",
+        )
+        .expect("write");
         let env =
             vec![("RAFTWAL_TICK_MS".to_string(), "30".to_string()), ("HOME".into(), "/".into())];
         let flags = vec![("election_ticks".to_string(), "20".to_string())];

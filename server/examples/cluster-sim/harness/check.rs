@@ -50,7 +50,10 @@ impl Sim {
         let mut all: BTreeMap<LogIndex, Bytes> = BTreeMap::new();
         let mut start = LogIndex(u64::MAX);
         for (id, first, log) in &logs {
-            start = start.min(*first);
+            // A node that holds nothing (the spare, never added) says nothing of what is gone.
+            if !log.is_empty() {
+                start = start.min(*first);
+            }
             for (o, b) in log {
                 match all.get(o) {
                     Some(other) if other != b => v.push(format!(
@@ -62,13 +65,23 @@ impl Sim {
                 }
             }
         }
-        // The same offsets served, too: one node may not hide what another serves.
+        // The same offsets served, too, by the final members on the range they all hold: one
+        // may not hide what another serves.
+        let members = self
+            .leader_index()
+            .map(|l| self.nodes[l].live.as_ref().expect("a leader runs").core.status())
+            .map(|s| s.membership.members())
+            .unwrap_or_default();
+        let logs: Vec<_> = logs.into_iter().filter(|l| members.contains(&l.0)).collect();
         let common_from = logs.iter().map(|l| l.1).max().unwrap_or(LogIndex(1));
         let common_to = logs
             .iter()
             .map(|l| l.2.keys().next_back().copied().unwrap_or(LogIndex(0)))
             .min()
             .unwrap_or(LogIndex(0));
+        if common_from > common_to {
+            return FinalLog { all, start };
+        }
         for (id, _, log) in &logs {
             for (o, _) in all.range(common_from..=common_to) {
                 if !log.contains_key(o) {

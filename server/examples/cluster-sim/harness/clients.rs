@@ -69,7 +69,7 @@ impl Sim {
             96..=97 => OpKind::Trim { before: LogIndex(self.rng.below(40)) },
             // No leader moves in the last second: the run ends by checking there is one.
             _ if self.now + 1000 > END_MS => OpKind::LinRead,
-            _ => OpKind::Transfer { to: NodeId(1 + self.rng.below(self.opts.nodes)) },
+            _ => OpKind::Transfer { to: self.any_node() },
         };
         let op = self.new_op(client, kind);
         self.attempt(c, op);
@@ -109,7 +109,7 @@ impl Sim {
             OpKind::Read { .. } => unreachable!("served above"),
         };
         if self.nodes[i].live.is_none() {
-            self.clients[c].leader_guess = NodeId(1 + self.rng.below(self.opts.nodes));
+            self.clients[c].leader_guess = self.any_node();
             self.clients[c].next_ms = self.now + 5;
             self.retry_or_give_up(op, "node down");
             return;
@@ -123,6 +123,10 @@ impl Sim {
     }
 
     pub(super) fn reply(&mut self, id: u64, outcome: Outcome) {
+        if let Some(change) = self.member_requests.remove(&id) {
+            self.member_reply(change, outcome);
+            return;
+        }
         if let Some((k, op)) = self.stream_requests.remove(&id) {
             self.stream_reply(k, op, outcome);
             return;
@@ -147,7 +151,7 @@ impl Sim {
             },
             Ok(Reply::Done) => self.finish(op, OpResult::Done(None)),
             Err(RequestError::NotLeader { leader }) => {
-                let guess = leader.unwrap_or(NodeId(1 + self.rng.below(self.opts.nodes)));
+                let guess = leader.unwrap_or(self.any_node());
                 self.clients[c].leader_guess = guess;
                 self.clients[c].next_ms = self.now + 2;
                 self.retry_or_give_up(op, "not leader");
@@ -197,7 +201,7 @@ impl Sim {
         let page = match self.nodes[i].live.as_ref() {
             Some(l) => read_page(l.storage.wal(), || l.view.clone(), l.readable, next, 50, 1 << 20),
             None => {
-                self.clients[c].follow_node = NodeId(1 + self.rng.below(self.opts.nodes));
+                self.clients[c].follow_node = self.any_node();
                 return;
             }
         };
@@ -214,7 +218,7 @@ impl Sim {
             Err(e) => self.violations.push(format!("follow read failed: {e}")),
         }
         if self.rng.below(200) == 0 {
-            self.clients[c].follow_node = NodeId(1 + self.rng.below(self.opts.nodes));
+            self.clients[c].follow_node = self.any_node();
         }
     }
 }

@@ -10,6 +10,7 @@
 
 mod check;
 mod clients;
+mod members;
 mod streamers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -178,6 +179,9 @@ struct Sim {
     streamers: Vec<Streamer>,
     /// Request id -> (streamer, op).
     stream_requests: HashMap<u64, (usize, usize)>,
+    /// The operator changing the membership, and its request in flight.
+    members: members::MemberPlan,
+    member_requests: HashMap<u64, raftwal_consensus::ConfChange>,
     ops: Vec<Op>,
     next_request: u64,
     history: Vec<String>,
@@ -214,14 +218,16 @@ impl Sim {
     fn new(opts: Options) -> Sim {
         let mut rng = SplitMix64::new(opts.seed);
         let voters: Vec<NodeId> = (1..=opts.nodes).map(NodeId).collect();
-        let nodes = voters
-            .iter()
-            .map(|&id| {
+        // One spare node beyond the voters, empty (it joins when a membership change adds it).
+        let nodes = (1..=opts.nodes + 1)
+            .map(|id| {
                 let disk = Disk { fs: FaultStorage::new(), dir: FaultStorage::new() };
-                let wal = Wal::open_with(Arc::new(disk.fs.clone()), wal_options()).expect("wal");
-                bootstrap_if_new(&wal, &voters).expect("bootstrap");
-                drop(wal);
-                SimNode { id, disk, live: None, down_until_ms: 0, incarnation: 0 }
+                if id <= opts.nodes {
+                    let wal =
+                        Wal::open_with(Arc::new(disk.fs.clone()), wal_options()).expect("wal");
+                    bootstrap_if_new(&wal, &voters).expect("bootstrap");
+                }
+                SimNode { id: NodeId(id), disk, live: None, down_until_ms: 0, incarnation: 0 }
             })
             .collect();
         let clients = (0..CLIENTS)
@@ -266,6 +272,8 @@ impl Sim {
                 })
                 .collect(),
             stream_requests: HashMap::new(),
+            members: members::MemberPlan::new(NodeId(opts.nodes + 1)),
+            member_requests: HashMap::new(),
             ops: Vec::new(),
             next_request: 1,
             history: Vec::new(),
@@ -374,6 +382,7 @@ impl Sim {
             for k in 0..self.streamers.len() {
                 self.step_streamer(k);
             }
+            self.step_members();
         }
     }
 
@@ -473,6 +482,11 @@ impl Sim {
         self.nodes
             .iter()
             .position(|n| n.live.as_ref().is_some_and(|l| l.core.status().role == Role::Leader))
+    }
+
+    /// Any node, members and the spare alike.
+    fn any_node(&mut self) -> NodeId {
+        NodeId(1 + self.rng.below(self.nodes.len() as u64))
     }
 
     fn index_of(&self, id: NodeId) -> usize {

@@ -49,8 +49,9 @@ impl Sim {
             unreachable!("streamers append")
         };
         if self.nodes[i].live.is_none() {
+            let other = self.any_node();
             let st = &mut self.streamers[k];
-            st.node = NodeId(1 + self.rng.below(self.opts.nodes));
+            st.node = other;
             st.broken = true;
             st.next_ms = self.now + 5;
             return;
@@ -70,6 +71,7 @@ impl Sim {
     }
 
     pub(super) fn stream_reply(&mut self, k: usize, op: usize, outcome: Outcome) {
+        let other = self.any_node();
         let st = &mut self.streamers[k];
         // An answer on a stream that was replaced since is dropped, as a real client's is.
         let live = st.pending.iter().any(|p| p.0 == op && p.2.is_some());
@@ -83,7 +85,7 @@ impl Sim {
                 self.finish(op, OpResult::Appended { first: ok.first, last: ok.last });
             }
             Err(RequestError::NotLeader { leader }) => {
-                st.node = leader.unwrap_or(NodeId(1 + self.rng.below(self.opts.nodes)));
+                st.node = leader.unwrap_or(other);
                 st.broken = true;
                 st.next_ms = self.now + 2;
             }
