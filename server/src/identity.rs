@@ -18,6 +18,8 @@ use raftwal_consensus::NodeId;
 use raftwal_transport::{PeerBook, Refusal};
 use raftwal_wal::storage::Storage;
 
+use crate::store;
+
 /// The file that names the cluster, the node and the incarnation of a data directory.
 pub const IDENTITY_FILE: &str = "identity";
 /// The file of peers' incarnations this node admitted.
@@ -108,35 +110,11 @@ fn checked<'a>(bytes: &'a [u8], magic: &[u8; 4]) -> anyhow::Result<&'a [u8]> {
 }
 
 fn read_file(dir: &dyn Storage, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
-    let file = match dir.open(name) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot open {name}")),
-    };
-    let len = file.size().with_context(|| format!("cannot read {name}"))?;
-    if len > 1 << 20 {
-        bail!("{name} is larger than any this node writes");
-    }
-    let mut bytes = vec![0u8; len as usize];
-    let read = file.read_at(&mut bytes, 0).with_context(|| format!("cannot read {name}"))?;
-    bytes.truncate(read);
-    Ok(Some(bytes))
+    store::read_small_file(dir, name, 1 << 20)
 }
 
-/// Replaces `name` atomically and durably (write a temporary file, sync, rename, sync the
-/// directory).
 fn write_file(dir: &dyn Storage, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = format!("{name}.tmp");
-    match dir.remove(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let file = dir.create(&tmp)?;
-    file.write_at(bytes, 0)?;
-    file.sync_data()?;
-    dir.rename(&tmp, name)?;
-    dir.sync_dir()
+    store::replace_file(dir, name, bytes)
 }
 
 /// The peers' incarnations this node admitted, kept in the `peers` file.

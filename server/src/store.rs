@@ -142,7 +142,6 @@ impl LogStore for WalStore {
 
 /// The file (in the node's data directory) that keeps the membership as of the log start.
 pub const LOG_START_FILE: &str = "log-start";
-const LOG_START_TMP: &str = "log-start.tmp";
 
 /// What the node keeps about its log start: the membership in effect just before it and the
 /// replicated node addresses known then (both would otherwise be lost with the trimmed entries).
@@ -164,21 +163,10 @@ pub fn read_log_start(
     dir: &dyn Storage,
     first_index: LogIndex,
 ) -> anyhow::Result<Option<StartRecord>> {
-    let file = match dir.open(LOG_START_FILE) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow::anyhow!("cannot open {LOG_START_FILE}: {e}")),
+    let Some(bytes) = read_small_file(dir, LOG_START_FILE, LOG_START_BYTES_MAX)? else {
+        return Ok(None);
     };
     let damaged = |why: &str| anyhow::anyhow!("{LOG_START_FILE} is damaged: {why}");
-    let len = file.size().map_err(|e| anyhow::anyhow!("cannot read {LOG_START_FILE}: {e}"))?;
-    if len > LOG_START_BYTES_MAX {
-        return Err(damaged("larger than any record this node writes"));
-    }
-    let mut bytes = vec![0u8; len as usize];
-    let read = file
-        .read_at(&mut bytes, 0)
-        .map_err(|e| anyhow::anyhow!("cannot read {LOG_START_FILE}: {e}"))?;
-    bytes.truncate(read);
     let records = decode_log_start(&bytes).map_err(&damaged)?;
     if let Some(r) = records.into_iter().find(|r| r.first_index == first_index) {
         return Ok(Some(r));
@@ -247,20 +235,48 @@ fn encode_log_start(records: &[StartRecord]) -> Vec<u8> {
     bytes
 }
 
-/// Writes the records atomically and durably: a temporary file written and synced, renamed over
-/// the old one, the directory synced.
+/// Writes the records atomically and durably (see [`replace_file`]).
 pub fn write_log_start(dir: &dyn Storage, records: &[StartRecord]) -> std::io::Result<()> {
-    let bytes = encode_log_start(records);
-    match dir.remove(LOG_START_TMP) {
+    replace_file(dir, LOG_START_FILE, &encode_log_start(records))
+}
+
+/// Replaces the small file `name` in `dir` atomically and durably: `name.tmp` written and
+/// synced, renamed over `name`, the directory synced. A crash leaves the old file or the new.
+pub fn replace_file(dir: &dyn Storage, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = format!("{name}.tmp");
+    match dir.remove(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let tmp = dir.create(LOG_START_TMP)?;
-    tmp.write_at(&bytes, 0)?;
-    tmp.sync_data()?;
-    dir.rename(LOG_START_TMP, LOG_START_FILE)?;
+    let file = dir.create(&tmp)?;
+    file.write_at(bytes, 0)?;
+    file.sync_data()?;
+    dir.rename(&tmp, name)?;
     dir.sync_dir()
+}
+
+/// The bytes of the small file `name` in `dir`, or `None` when there is none. A file larger
+/// than `bytes_max` is refused as damage rather than read.
+pub fn read_small_file(
+    dir: &dyn Storage,
+    name: &str,
+    bytes_max: u64,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let file = match dir.open(name) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::anyhow!("cannot open {name}: {e}")),
+    };
+    let len = file.size().map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
+    if len > bytes_max {
+        anyhow::bail!("{name} is damaged: larger than any this node writes");
+    }
+    let mut bytes = vec![0u8; len as usize];
+    let read =
+        file.read_at(&mut bytes, 0).map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
+    bytes.truncate(read);
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
