@@ -2,7 +2,7 @@
 //!
 //! What it is: the owner of the [`RawNode`] and of everything replicated or derived from the
 //! log: which entries are records ([`LogState`]), the producer table, membership and addresses
-//! ([`Members`]), the log start and trims, and the waiters of every request ([`Waiters`]).
+//! ([`Members`]), the log start and trims, and the waiters of every request (`waiters.rs`).
 //! What it is not: a thread, a clock, a lock, a socket or a file. Like quinn-proto under quinn,
 //! inputs go in through [`NodeCore::handle`] and actions come out of
 //! [`NodeCore::poll_action`]; the shell (`crate::shell`) does the IO, and the simulation
