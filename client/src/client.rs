@@ -81,9 +81,10 @@ impl Client {
     /// at most once: a retry of an append that had committed gets the original offsets back
     /// with `duplicate = true`.
     ///
-    /// Appends of one client (and its clones) are sent one at a time, in call order: the
-    /// server keeps only a producer's latest sequence, and a later sequence overtaking an
-    /// earlier one would make the earlier one look like a duplicate. Use an
+    /// Appends of one client (and its clones) are sent one at a time, in call order: by the
+    /// producer rule ([`crate::dedup`]) a producer's sequences apply in increasing order, so a
+    /// later sequence overtaking an earlier one would get the earlier one refused as out of
+    /// order. Use an
     /// [`Appender`] to keep many appends in flight. Dropping the returned future before it
     /// completes leaves the append's outcome unknown, like `UnknownOutcome`.
     ///

@@ -3,7 +3,9 @@
 //! What it is: a synchronous library that stores one log of `(term, index, payload)` entries in
 //! preallocated segment files, plus the Raft hard state, and recovers them after a crash. What
 //! it is not: it knows nothing of Raft's rules beyond "indexes are contiguous, terms never
-//! decrease, committed entries are never truncated"; it has no threads of its own.
+//! decrease, committed entries are never truncated". It has no threads of its own, except the
+//! optional segment preparer (`Options::prepare_segments`, off by default), which zero-fills
+//! the next segment in the background.
 //!
 //! Data flow: [`Wal::submit`] encodes entries into the open write group; [`Wal::wait`] makes the
 //! first free waiter the group's leader, which writes the group with one positioned write and
