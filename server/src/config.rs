@@ -374,6 +374,19 @@ mod tests {
     }
 
     #[test]
+    fn a_random_cluster_id_fits_a_config_file() {
+        // TOML integers are signed: an id above i64::MAX would make the file unreadable.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.toml");
+        for _ in 0..200 {
+            let id = crate::local::random_cluster_id();
+            std::fs::write(&file, format!("id = 1\ncluster_id = {id}\n")).expect("write");
+            let r = resolve(Some(&file), Vec::new(), &[]).expect("resolve");
+            assert_eq!(r.config.cluster_id, id);
+        }
+    }
+
+    #[test]
     fn bad_values_are_clear_errors() {
         let err = |flags: &[(&str, &str)]| {
             let flags: Vec<(String, String)> =

@@ -171,21 +171,21 @@ impl PeerBook for KnownPeers {
         let mut known = self.known.lock().expect("peers lock");
         match known.get(&peer) {
             Some(&k) if k == incarnation => Ok(()),
-            Some(&k) => Err(Refusal(format!(
+            Some(&k) => Err(Refusal::Stale(format!(
                 "node {peer} came back with another data directory (incarnation {incarnation:016x}, \
                  known as {k:016x}): it lost its data, and with it its votes. Remove it \
                  (raftwal members remove {peer}) and add it back as a learner with an empty data \
                  directory and join = true"
             ))),
             None if known.len() >= PEERS_MAX => {
-                Err(Refusal(format!("this node already knows {PEERS_MAX} peers")))
+                Err(Refusal::Unavailable(format!("this node already knows {PEERS_MAX} peers")))
             }
             None => {
                 // Durable before the peer's first vote or acknowledgement can arrive.
                 known.insert(peer, incarnation);
                 self.save(&known).map_err(|e| {
                     known.remove(&peer);
-                    Refusal(format!("cannot record node {peer}'s data directory: {e}"))
+                    Refusal::Unavailable(format!("cannot record node {peer}'s data directory: {e}"))
                 })
             }
         }
@@ -215,7 +215,10 @@ mod tests {
         book.admit(NodeId(3), 11).expect("the same directory");
         let again = KnownPeers::load(dir.clone()).expect("reload");
         let refusal = again.admit(NodeId(3), 12).expect_err("a wiped node");
-        assert!(refusal.0.contains("lost its data"), "{refusal}");
+        assert!(
+            matches!(&refusal, Refusal::Stale(why) if why.contains("lost its data")),
+            "{refusal}"
+        );
         again.forget(NodeId(3)).expect("removed");
         KnownPeers::load(dir).expect("reload").admit(NodeId(3), 12).expect("re-added: a new peer");
     }

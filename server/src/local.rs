@@ -32,7 +32,8 @@ pub fn certs_init(dir: &Path, nodes: u64, names: &[String]) -> anyhow::Result<()
     Ok(())
 }
 
-/// A random cluster id (> 0), from the standard library's per-process random keys.
+/// A random cluster id in 1..2^63 (TOML integers are signed 64-bit), from the standard
+/// library's per-process random keys.
 pub fn random_cluster_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -42,7 +43,7 @@ pub fn random_cluster_id() -> u64 {
             .unwrap_or_default()
             .as_nanos(),
     );
-    h.finish().max(1)
+    (h.finish() >> 1).max(1)
 }
 
 /// Writes a file; keys (`*.key`) readable by the owner only.

@@ -144,7 +144,8 @@ impl Node {
             shutdown_rx.clone(),
         )?;
         let http_task = http::serve(shared.clone(), http_listener, shutdown_rx);
-        let refusal_task = tokio::spawn(stop_when_refused(refusal, shared.clone()));
+        let grace = Duration::from_millis(cfg.tick_ms * u64::from(cfg.election_ticks) * 3);
+        let refusal_task = tokio::spawn(stop_when_refused(refusal, shared.clone(), grace));
         tracing::info!(node = id.0, %api_addr, %http_addr, %peer_addr, "node started");
         Ok(Node {
             shared,
@@ -203,13 +204,30 @@ fn open_data_dir(cfg: &NodeConfig) -> anyhow::Result<(Arc<dyn Storage>, PeerIden
 }
 
 /// A peer refused this node (another cluster, or a data directory it does not know as this
-/// node's): the node must not go on as a voter. Its failure makes /livez fail and
-/// `raftwal node` exit with the reason.
-async fn stop_when_refused(mut refusal: watch::Receiver<Option<String>>, shared: Arc<Shared>) {
-    if let Ok(why) = refusal.wait_for(Option::is_some).await {
-        let why = why.clone().unwrap_or_default();
-        tracing::error!(%why, "refusing to go on");
-        shared.failure.send_replace(Some(format!("refusing to go on: {why}")));
+/// node's). If the node still has no leader after `grace` (three election timeouts), no quorum
+/// takes it: it must not go on as a voter, and its failure makes /livez fail and `raftwal node`
+/// exit with the reason. A node that follows a leader goes on (a member that has not yet
+/// applied this node's removal and re-addition refuses it for a while), with a warning.
+async fn stop_when_refused(
+    mut refusal: watch::Receiver<Option<String>>,
+    shared: Arc<Shared>,
+    grace: Duration,
+) {
+    if refusal.wait_for(Option::is_some).await.is_err() {
+        return;
+    }
+    loop {
+        let why = refusal.borrow_and_update().clone().unwrap_or_default();
+        tokio::time::sleep(grace).await;
+        if shared.status.read().leader.is_none() {
+            tracing::error!(%why, "refusing to go on");
+            shared.failure.send_replace(Some(format!("refusing to go on: {why}")));
+            return;
+        }
+        tracing::warn!(%why, "a peer refuses this node, but it follows a leader: going on");
+        if refusal.changed().await.is_err() {
+            return;
+        }
     }
 }
 

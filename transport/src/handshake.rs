@@ -54,10 +54,19 @@ pub struct PeerIdentity {
     pub incarnation: u64,
 }
 
-/// Why a peer's incarnation was refused.
+/// Why a peer's incarnation was not admitted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
+#[non_exhaustive]
+pub enum Refusal {
+    /// The peer's data directory is not the one known: it lost its data. The peer is told so,
+    /// and must not take part as this node.
+    #[error("{0}")]
+    Stale(String),
+    /// This node cannot decide now (its book could not be written): the connection closes as
+    /// a protocol failure and the peer retries later, not told it is stale.
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 /// Decides whether a peer's data-directory incarnation is the one this node knows.
 pub trait PeerBook: Send + Sync + fmt::Debug {
@@ -129,7 +138,11 @@ pub(crate) fn judge(
         );
         return Some((CLOSE_OTHER_CLUSTER, why));
     }
-    book.admit(peer, theirs.incarnation).err().map(|r| (CLOSE_STALE_PEER, r.0))
+    match book.admit(peer, theirs.incarnation) {
+        Ok(()) => None,
+        Err(Refusal::Stale(why)) => Some((CLOSE_STALE_PEER, why)),
+        Err(Refusal::Unavailable(why)) => Some((CLOSE_PROTOCOL, why)),
+    }
 }
 
 /// What a peer's close says about us, for [`crate::Transport::refusal`]: another cluster, or a
@@ -167,7 +180,11 @@ mod tests {
         struct Knows(u64);
         impl PeerBook for Knows {
             fn admit(&self, _: NodeId, incarnation: u64) -> Result<(), Refusal> {
-                if incarnation == self.0 { Ok(()) } else { Err(Refusal("lost its data".into())) }
+                if incarnation == self.0 {
+                    Ok(())
+                } else {
+                    Err(Refusal::Stale("lost its data".into()))
+                }
             }
         }
         let me = PeerIdentity { cluster: 1, incarnation: 5 };

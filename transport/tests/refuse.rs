@@ -300,7 +300,7 @@ impl raftwal_transport::PeerBook for Knows {
         if incarnation == self.0 {
             Ok(())
         } else {
-            Err(raftwal_transport::Refusal(format!(
+            Err(raftwal_transport::Refusal::Stale(format!(
                 "node {peer} comes with data directory {incarnation}, not {}: it lost its data",
                 self.0
             )))

@@ -31,7 +31,24 @@ impl NodeCore {
             if e.kind == EntryKind::ConfChange
                 && let Some(change) = ConfChange::decode(&e.data)
             {
+                let before = self.members.current().members();
                 self.members.apply_change(e.index, &change);
+                let after = self.members.current().members();
+                for id in before.difference(&after).filter(|id| **id != self.config.id) {
+                    self.actions.push_back(Action::Unreach(*id));
+                }
+                // A node that leaves, or joins anew, is a new peer from now on: its data
+                // directory's incarnation is forgotten. Entry by entry, so a removal and a
+                // re-add applied in one Ready are both seen; not for entries this node had
+                // committed before it restarted (it forgot then, and may since have admitted
+                // the new incarnation).
+                if e.index > self.committed_at_start {
+                    for id in before.symmetric_difference(&after) {
+                        if *id != self.config.id {
+                            self.actions.push_back(Action::Forget(*id));
+                        }
+                    }
+                }
             }
             let applied = self.log.apply(e.index, e.kind, &e.data);
             self.settle(applied)?;
@@ -116,12 +133,6 @@ impl NodeCore {
         for a in self.members.addresses().values() {
             if members.contains(&a.id) {
                 self.actions.push_back(Action::Reach(a.clone()));
-            }
-        }
-        let reached = std::mem::replace(&mut self.reached, members.iter().copied().collect());
-        for gone in reached.into_iter().filter(|id| !members.contains(id)) {
-            if gone != self.config.id {
-                self.actions.push_back(Action::Forget(gone));
             }
         }
         self.publish_status();

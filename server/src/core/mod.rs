@@ -23,7 +23,7 @@ mod members;
 mod ready;
 mod waiters;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use raftwal_consensus::{
@@ -178,8 +178,8 @@ pub enum Action {
     /// (and every earlier write) are durable.
     Write { number: u64, entries: Vec<raftwal_consensus::Entry> },
     /// Make every queued write durable now, before the next action (the queue of writes in
-    /// flight is at its bound).
-    Flush,
+    /// flight is at its bound), then feed back [`Input::Persisted`] with `through`.
+    Flush { through: u64 },
     /// Save the hard state durably before the next action.
     SaveHardState(HardState),
     /// Move the log start durably, with the log-start file: first name both records, then
@@ -197,6 +197,9 @@ pub enum Action {
     /// A node listens at these addresses: reach it there (and tell clients).
     Reach(Addresses),
     /// A node left the membership: stop reaching it.
+    Unreach(NodeId),
+    /// A node left the membership, or joined it anew: forget its data directory's incarnation,
+    /// so that it comes back as a new peer.
     Forget(NodeId),
 }
 
@@ -282,8 +285,8 @@ pub struct NodeCore {
     first_index: LogIndex,
     ticks: u64,
     next_read_context: u64,
-    /// The members of the last applied membership: a node that leaves it is forgotten.
-    reached: BTreeSet<NodeId>,
+    /// The commit index saved when this core was made: entries up to it were applied before.
+    committed_at_start: LogIndex,
     actions: VecDeque<Action>,
 }
 
@@ -315,10 +318,9 @@ impl NodeCore {
             term_start: LogIndex(0),
             first_index,
             ticks: 0,
-            reached: BTreeSet::new(),
+            committed_at_start: saved.commit,
             actions: VecDeque::new(),
         };
-        core.reached = core.members.current().members().into_iter().collect();
         for a in core.members.addresses().values() {
             core.actions.push_back(Action::Reach(a.clone()));
         }

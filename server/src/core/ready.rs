@@ -141,10 +141,13 @@ impl NodeCore {
                 last.messages.extend(persisted);
             }
             (Some(last), _) => {
-                if self.writes.pending.len() >= self.writes.in_flight_max {
-                    // The syncer is far behind: everything queued becomes durable first.
-                    self.actions.push_back(Action::Flush);
-                    self.persisted(u64::MAX)?;
+                if self.writes.pending.len() >= self.writes.in_flight_max
+                    && let Some(through) = self.writes.pending.back().map(|p| p.synced)
+                {
+                    // The syncer is far behind: the shell makes everything queued so far
+                    // durable now and reports it (`Input::Persisted { number: through }`);
+                    // only then does consensus hear of it. Nothing is advanced here.
+                    self.actions.push_back(Action::Flush { through });
                 }
                 self.actions.push_back(Action::Write { number, entries });
                 self.writes.pending.push_back(PendingWrite {
@@ -233,6 +236,11 @@ impl NodeCore {
         self.members.start_at(first.prev(), membership);
         self.writes.submitted_last = first.prev();
         self.writes.durable_last = first.prev();
+        // Writes still in flight are of the discarded log: their completions make nothing of
+        // the new one durable.
+        for p in &mut self.writes.pending {
+            p.last = p.last.min(first.prev());
+        }
         self.log.restart(first.prev());
         // Entries below the new start committed on the leader; any of them may be ours.
         self.fail_all(&RequestError::Unknown(

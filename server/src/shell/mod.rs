@@ -376,7 +376,10 @@ impl Driver {
                 let ticket = self.storage.submit(&entries)?;
                 self.syncer.send((number, ticket)).map_err(|_| DriverFailure::SyncerGone)?;
             }
-            Action::Flush => self.storage.flush()?,
+            Action::Flush { through } => {
+                self.storage.flush()?;
+                self.core.handle(Input::Persisted { number: through })?;
+            }
             Action::SaveHardState(hs) => self.storage.save_hard_state(hs)?,
             Action::MoveStart { old, new, change } => {
                 self.storage.move_start(&old, &new, change)?
@@ -393,12 +396,13 @@ impl Driver {
                     self.transport.add_peer(a.id, a.peer);
                 }
             }
-            Action::Forget(id) => {
+            Action::Unreach(id) => {
                 tracing::info!(node = %id, "no longer a member: stop reaching it");
                 self.transport.remove_peer(id);
-                // Added again later, it comes as a new peer (with a new data directory).
+            }
+            Action::Forget(id) => {
                 if let Err(e) = self.book.forget(id) {
-                    tracing::warn!(node = %id, error = %e, "could not forget a removed peer");
+                    tracing::warn!(node = %id, error = %e, "could not forget a peer's data directory");
                 }
             }
         }

@@ -22,6 +22,17 @@ impl Sim {
     }
 
     pub(super) fn check(&mut self) {
+        // Where every node ended, for the history of a failing seed.
+        for i in 0..self.nodes.len() {
+            if let Some(l) = self.nodes[i].live.as_ref() {
+                let s = l.core.status();
+                let line = format!(
+                    "end: node {} {:?} term {} commit {} applied {} last {} membership {:?}",
+                    s.id, s.role, s.term, s.commit, s.applied, s.last_index, s.membership
+                );
+                self.log(line);
+            }
+        }
         let mut v = Vec::new();
         // Liveness: after the heal, a leader and acknowledged appends.
         if self.leader_index().is_none() {

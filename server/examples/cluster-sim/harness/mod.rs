@@ -595,7 +595,18 @@ impl Sim {
                     }
                     Err(e) => Err(e),
                 },
-                Action::Flush => live.storage.flush(),
+                Action::Flush { through } => match live.storage.flush() {
+                    Ok(()) => {
+                        // Everything queued is durable: its completions are due now.
+                        for s in live.syncs.iter_mut() {
+                            if s.0 <= through {
+                                s.2 = self.now;
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
                 Action::SaveHardState(hs) => live.storage.save_hard_state(hs),
                 Action::MoveStart { old, new, change } => {
                     live.storage.move_start(&old, &new, change)
@@ -625,7 +636,7 @@ impl Sim {
                     }
                     Ok(())
                 }
-                Action::Reach(_) | Action::Forget(_) => Ok(()),
+                Action::Reach(_) | Action::Unreach(_) | Action::Forget(_) => Ok(()),
             };
             if let Err(e) = stored {
                 let line = format!("{e}");
