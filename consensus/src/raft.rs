@@ -222,8 +222,12 @@ impl<S: LogStore> Raft<S> {
                 self.become_follower(self.term, None);
                 return Ok(());
             }
-            // A transfer that has not finished in an election timeout is abandoned.
+            // A transfer that has not finished in an election timeout is abandoned; a leader
+            // that is no longer a voter tries again (perhaps with another voter).
             self.transferee = None;
+            if !self.membership.is_voter(self.id) {
+                self.hand_over()?;
+            }
         }
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
             self.heartbeat_elapsed = 0;
@@ -885,10 +889,14 @@ impl<S: LogStore> Raft<S> {
             self.transferee = None;
         }
         if !self.membership.is_voter(self.id) {
-            // A leader that is no longer a voter steps down once its removal is committed; the
-            // remaining voters elect a leader among themselves (thesis 4.2.2).
-            self.become_follower(self.term, None);
-            return Ok(());
+            // A leader removed from the voters hands leadership to the most caught-up voter
+            // that remains, instead of stepping down at once: a voter that has not heard that
+            // the removal committed still counts this node in its quorum, and this node (its
+            // log ahead of it, no longer campaigning) would refuse it a vote, so the cluster
+            // could be left without a leader for good. It proposes nothing meanwhile (the
+            // transfer refuses proposals) and steps down when the new leader's term reaches
+            // it (thesis 4.2.2 asks only that it step down; this makes the hand-over live).
+            return self.hand_over();
         }
         if self.maybe_commit()? {
             self.bcast_append()?;
@@ -917,6 +925,31 @@ impl<S: LogStore> Raft<S> {
             self.bcast_append()?;
         }
         Ok(())
+    }
+
+    /// A leader that is no longer a voter: transfer leadership to the remaining voter with the
+    /// highest match (the lowest id among equals).
+    fn hand_over(&mut self) -> Result<(), Error> {
+        let best = self
+            .membership
+            .voters
+            .iter()
+            .filter(|id| **id != self.id)
+            .max_by_key(|id| {
+                let matched = self.progress.get(id).map_or(LogIndex(0), |pr| pr.matched);
+                (matched, std::cmp::Reverse(**id))
+            })
+            .copied();
+        match best {
+            Some(to) => {
+                self.transferee = None;
+                self.transfer_leader(to)
+            }
+            None => {
+                self.become_follower(self.term, None);
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn transfer_leader(&mut self, to: NodeId) -> Result<(), Error> {

@@ -60,3 +60,17 @@ fn skipping_producer_dedup_is_caught() {
 fn serving_uncommitted_entries_is_caught() {
     caught(PlantedBug::ServeUncommitted);
 }
+
+/// Seeds that once found a bug, kept: 1481 (3 nodes), a leader that removed itself stepped down
+/// before the remaining voter learned the removal had committed, and that voter, still counting
+/// the old leader in its quorum, never got its vote: no leader, for good. The removed leader now
+/// hands leadership over (consensus `hand_over`).
+const REGRESSION_SEEDS: &[(u64, u64)] = &[(1481, 3)];
+
+#[test]
+fn regression_seeds_hold_every_property() {
+    for &(seed, nodes) in REGRESSION_SEEDS {
+        let report = harness::run(harness::Options { seed, nodes, bug: None });
+        assert!(report.violations.is_empty(), "seed {seed}: {:#?}", report.violations);
+    }
+}
