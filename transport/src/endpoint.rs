@@ -587,7 +587,7 @@ async fn accept_loop(shared: Arc<Shared>) {
                 conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no hello");
                 return;
             };
-            if !admit(&shared, &conn, peer.id, theirs) {
+            if !admit(&shared, &conn, peer.id, theirs).await {
                 return;
             }
             if !send_greeting(&shared, &conn, WELCOME_KIND).await {
@@ -702,8 +702,18 @@ async fn send_greeting(shared: &Shared, conn: &quinn::Connection, kind: u8) -> b
 }
 
 /// Checks `peer`'s greeting; closes the connection with the reason when it is refused.
-fn admit(shared: &Shared, conn: &quinn::Connection, peer: NodeId, theirs: PeerIdentity) -> bool {
-    match judge(shared.book.as_ref(), shared.me, peer, theirs) {
+async fn admit(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    peer: NodeId,
+    theirs: PeerIdentity,
+) -> bool {
+    // The book may write and sync a file (a peer's first incarnation): off the async workers.
+    let (book, me) = (shared.book.clone(), shared.me);
+    let verdict = tokio::task::spawn_blocking(move || judge(book.as_ref(), me, peer, theirs))
+        .await
+        .unwrap_or_else(|_| Some((CLOSE_PROTOCOL, "the peer book panicked".to_string())));
+    match verdict {
         None => true,
         Some((code, why)) => {
             tracing::error!(%peer, %why, "refused a peer");
@@ -724,7 +734,7 @@ async fn greet_acceptor(shared: &Shared, conn: &quinn::Connection, peer: NodeId)
         None
     };
     match welcomed {
-        Some(theirs) => admit(shared, conn, peer, theirs),
+        Some(theirs) => admit(shared, conn, peer, theirs).await,
         None => {
             // Let a close that is on its way arrive, to learn why.
             let _ = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;

@@ -412,6 +412,15 @@ impl Sim {
                 let line = format!("node {}'s next fsyncs fail", self.nodes[i].id);
                 self.log(line);
             }
+        } else if r < 12 {
+            // A failed write (what a full disk or a bad block does to a running node): the WAL
+            // is poisoned, the node stops and restarts from its disk.
+            let i = self.rng.below(n as u64) as usize;
+            if self.nodes[i].live.is_some() {
+                self.nodes[i].disk.fs.fail_write_after(self.rng.below(5));
+                let line = format!("node {}'s next writes fail", self.nodes[i].id);
+                self.log(line);
+            }
         }
         for i in 0..n {
             if self.nodes[i].live.is_none() && self.now >= self.nodes[i].down_until_ms {
@@ -471,6 +480,7 @@ impl Sim {
         self.net.dup_per_mille = 0;
         for i in 0..self.nodes.len() {
             self.nodes[i].disk.fs.fail_sync_after(u64::MAX);
+            self.nodes[i].disk.fs.fail_write_after(u64::MAX);
             if self.nodes[i].live.is_none() {
                 self.boot(i);
             }
