@@ -385,6 +385,29 @@ async fn start_transport(
 
 /// The election jitter's seed: different per process start, so two nodes never share timeouts.
 fn seed() -> u64 {
+    // The standard library's per-process random keys, with the time and the process id.
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+    crate::local::random_cluster_id().rotate_left(7)
+        ^ t.as_nanos() as u64
+        ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_incarnation_starts_its_read_contexts_elsewhere() {
+        // A peer's late answer to a read barrier of a previous process must not complete a
+        // barrier of this one: contexts must not repeat across restarts (they used to start at
+        // 1 in every process). Each start draws a fresh 63-bit start; a run of one incarnation
+        // never reaches the next's.
+        let mut cfg = NodeConfig::defaults();
+        cfg.id = 1;
+        cfg.cluster_id = 7;
+        let starts: std::collections::BTreeSet<u64> =
+            (0..64).map(|_| core_configs(&cfg).1.read_context_start).collect();
+        assert_eq!(starts.len(), 64, "every incarnation its own start");
+        assert!(starts.iter().all(|s| *s < 1 << 63), "no wrap within an incarnation");
+    }
 }
