@@ -57,6 +57,14 @@ pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
         let path = dir.join(format!("node-{id}.toml"));
         if !path.exists() {
             local::write_file(&path, config.as_bytes())?;
+        } else {
+            // A dev directory made before clusters had ids: give its nodes one (the same).
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            if !text.lines().any(|l| l.trim_start().starts_with("cluster_id")) {
+                let text = format!("cluster_id = {cluster_id}\n{text}");
+                local::write_file(&path, text.as_bytes())?;
+            }
         }
     }
     let cluster = format!(
