@@ -3,7 +3,11 @@
 use super::*;
 
 impl Sim {
-    pub(super) fn served_log(&self, i: usize) -> Option<(LogIndex, BTreeMap<LogIndex, Bytes>)> {
+    /// What node `i` serves: its first readable offset, its settled index, the records.
+    pub(super) fn served_log(
+        &self,
+        i: usize,
+    ) -> Option<(LogIndex, LogIndex, BTreeMap<LogIndex, Bytes>)> {
         let l = self.nodes[i].live.as_ref()?;
         let mut out = BTreeMap::new();
         let first = l.view.start.max(l.storage.wal().first_index());
@@ -18,7 +22,7 @@ impl Sim {
                 Err(_) => return None,
             }
         }
-        Some((first, out))
+        Some((first, l.readable, out))
     }
 
     pub(super) fn check(&mut self) {
@@ -55,16 +59,19 @@ impl Sim {
 
     /// Every node serves the same records on the range they all hold; returns the union.
     fn check_logs(&self, v: &mut Vec<String>) -> FinalLog {
+        let mut held = Vec::new();
         let logs: Vec<(NodeId, LogIndex, BTreeMap<LogIndex, Bytes>)> = (0..self.nodes.len())
-            .filter_map(|i| self.served_log(i).map(|(f, l)| (self.nodes[i].id, f, l)))
+            .filter_map(|i| {
+                let (first, readable, log) = self.served_log(i)?;
+                // The range this node can vouch for (nothing, for the spare never added).
+                if first <= readable {
+                    held.push((first, readable));
+                }
+                Some((self.nodes[i].id, first, log))
+            })
             .collect();
         let mut all: BTreeMap<LogIndex, Bytes> = BTreeMap::new();
-        let mut start = LogIndex(u64::MAX);
-        for (id, first, log) in &logs {
-            // A node that holds nothing (the spare, never added) says nothing of what is gone.
-            if !log.is_empty() {
-                start = start.min(*first);
-            }
+        for (id, _, log) in &logs {
             for (o, b) in log {
                 match all.get(o) {
                     Some(other) if other != b => v.push(format!(
@@ -91,7 +98,7 @@ impl Sim {
             .min()
             .unwrap_or(LogIndex(0));
         if common_from > common_to {
-            return FinalLog { all, start };
+            return FinalLog { all, held };
         }
         for (id, _, log) in &logs {
             for (o, _) in all.range(common_from..=common_to) {
@@ -100,7 +107,7 @@ impl Sim {
                 }
             }
         }
-        FinalLog { all, start }
+        FinalLog { all, held }
     }
 
     /// No acknowledged append lost: every acknowledged offset holds exactly its record.
@@ -128,8 +135,8 @@ impl Sim {
             }
             for (k, r) in records.iter().enumerate() {
                 let o = LogIndex(first.0 + k as u64);
-                if o < log.start {
-                    continue; // trimmed everywhere
+                if !log.holds(o) {
+                    continue; // trimmed on every node that had it
                 }
                 match log.all.get(&o) {
                     Some(b) if b == r => {}
@@ -180,11 +187,11 @@ impl Sim {
 
     /// What any read served never changes; a follow never skips, repeats or goes back.
     fn check_reads_and_follows(&self, log: &FinalLog, v: &mut Vec<String>) {
-        let (all, start) = (&log.all, log.start);
+        let all = &log.all;
         for (n, op) in self.ops.iter().enumerate() {
             if let Some(OpResult::Records(records)) = &op.result {
                 for (o, b) in records {
-                    if *o >= start && all.get(o) != Some(b) {
+                    if log.holds(*o) && all.get(o) != Some(b) {
                         v.push(format!(
                             "op {n}: a read served {b:?} at {o}; the log has {:?}",
                             all.get(o)
@@ -203,7 +210,7 @@ impl Sim {
                 if *o <= prev {
                     v.push(format!("client {}'s follow went from {prev} to {o}", c.id));
                 }
-                if *o >= start {
+                if log.holds(*o) {
                     if all.get(o) != Some(b) {
                         v.push(format!(
                             "client {}'s follow saw {b:?} at {o}; the log has {:?}",
@@ -212,7 +219,7 @@ impl Sim {
                         ));
                     }
                     // Nothing served between the previous record and this one was skipped.
-                    if let Some((skipped, _)) = all.range(prev.next().max(start)..*o).next() {
+                    if let Some((skipped, _)) = all.range(prev.next()..*o).next() {
                         v.push(format!("client {}'s follow skipped {skipped}", c.id));
                     }
                 }
@@ -225,7 +232,15 @@ impl Sim {
 /// The log every node serves, merged, from the lowest first offset any node still has.
 struct FinalLog {
     all: BTreeMap<LogIndex, Bytes>,
-    start: LogIndex,
+    /// Per node, the offsets it can vouch for: its first readable offset to its settled index.
+    held: Vec<(LogIndex, LogIndex)>,
+}
+
+impl FinalLog {
+    /// Whether some node still holds offset `o` (else it was trimmed wherever it was).
+    fn holds(&self, o: LogIndex) -> bool {
+        self.held.iter().any(|&(first, last)| first <= o && o <= last)
+    }
 }
 
 /// An acknowledged append.
