@@ -30,12 +30,28 @@ impl Sim {
         for i in 0..self.nodes.len() {
             if let Some(l) = self.nodes[i].live.as_ref() {
                 let s = l.core.status();
+                let wal = l.storage.wal();
+                let tail: Vec<String> = (s.commit.0.saturating_sub(2)..=s.commit.0 + 3)
+                    .filter_map(|i| wal.term(LogIndex(i)).ok().map(|t| format!("{i}:{t}")))
+                    .collect();
                 let line = format!(
-                    "end: node {} {:?} term {} commit {} applied {} last {} membership {:?}",
-                    s.id, s.role, s.term, s.commit, s.applied, s.last_index, s.membership
+                    "end: node {} {:?} term {} commit {} applied {} last {} first {} terms [{}] \
+                     membership {:?}",
+                    s.id,
+                    s.role,
+                    s.term,
+                    s.commit,
+                    s.applied,
+                    s.last_index,
+                    wal.first_index(),
+                    tail.join(" "),
+                    s.membership
                 );
                 self.log(line);
             }
+        }
+        if self.trace {
+            self.log_conf_changes();
         }
         let mut v = Vec::new();
         // Liveness: after the heal, a leader and acknowledged appends.
@@ -48,6 +64,7 @@ impl Sim {
                 self.last_ack_ms
             ));
         }
+        self.check_committed_agree(&mut v);
         let log = self.check_logs(&mut v);
         let acked = self.check_acked(&log, &mut v);
         check_unique_and_in_producer_order(&log, &mut v);
@@ -55,6 +72,61 @@ impl Sim {
         self.check_reads_and_follows(&log, &mut v);
         v.truncate(20);
         self.violations.extend(v);
+    }
+
+    /// Every node's membership changes, by index and term (`SIM_TRACE=1`).
+    fn log_conf_changes(&mut self) {
+        let mut lines = Vec::new();
+        for n in &self.nodes {
+            let Some(l) = n.live.as_ref() else { continue };
+            let wal = l.storage.wal();
+            let (first, last) = (wal.first_index(), wal.last_index());
+            let Ok(records) = wal.read(first..last.next(), u64::MAX) else { continue };
+            for rec in records {
+                let Ok(e) = raftwal_server::store::entry_of(rec) else { continue };
+                if e.kind == raftwal_consensus::EntryKind::ConfChange {
+                    let change = raftwal_consensus::ConfChange::decode(&e.data);
+                    lines.push(format!("node {} log {}/{}: {change:?}", n.id, e.term, e.index));
+                }
+            }
+        }
+        for line in lines {
+            self.log(line);
+        }
+    }
+
+    /// State machine safety, on the nodes' own state: no two nodes hold entries of different
+    /// terms at an index both consider committed (whether or not a client saw either).
+    fn check_committed_agree(&self, v: &mut Vec<String>) {
+        let nodes: Vec<(NodeId, LogIndex, LogIndex, &Wal)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let l = n.live.as_ref()?;
+                let wal = l.storage.wal().as_ref();
+                Some((n.id, wal.first_index(), l.core.status().commit.min(wal.last_index()), wal))
+            })
+            .collect();
+        for (k, a) in nodes.iter().enumerate() {
+            for b in &nodes[k + 1..] {
+                let (from, to) = (a.1.max(b.1), a.2.min(b.2));
+                let mut i = from;
+                while i <= to {
+                    let (ta, tb) = (a.3.term(i), b.3.term(i));
+                    if let (Ok(ta), Ok(tb)) = (ta, tb)
+                        && ta != tb
+                    {
+                        v.push(format!(
+                            "index {i} is committed on node {} with term {ta} and on node {} \
+                             with term {tb}",
+                            a.0, b.0
+                        ));
+                        break;
+                    }
+                    i = i.next();
+                }
+            }
+        }
     }
 
     /// Every node serves the same records on the range they all hold; returns the union.
