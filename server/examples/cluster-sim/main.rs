@@ -33,6 +33,7 @@ fn main() {
     let mut steps = 0u64;
     let mut violations = 0u64;
     let mut acked = 0u64;
+    let mut failing = Vec::new();
     for seed in start..start + seeds {
         // Odd seeds run 3 nodes, even seeds 5, unless --nodes says.
         let n = nodes.unwrap_or(if seed % 2 == 1 { 3 } else { 5 });
@@ -41,6 +42,7 @@ fn main() {
         acked += report.acked;
         if !report.violations.is_empty() {
             violations += 1;
+            failing.push(seed);
             if violations <= 3 {
                 println!("== seed {seed} ({n} nodes): history");
                 // A replay of one seed prints all of it; a campaign the end of each.
@@ -65,6 +67,9 @@ fn main() {
         "{steps} steps in {secs:.1} s ({:.0} steps/s), {acked} appends acknowledged",
         steps as f64 / secs
     );
+    if !failing.is_empty() {
+        println!("failing seeds: {failing:?}");
+    }
     println!("seeds: {seeds} violations: {violations}");
 }
 
