@@ -31,6 +31,8 @@ const FORMAT_VERSION: u8 = 1;
 const IDENTITY_BYTES: usize = 4 + 4 + 8 + 8 + 8 + 4;
 /// Peers remembered at most (members past and present); a bound on the file.
 const PEERS_MAX: usize = 4096;
+/// The largest identity or peers file read (the peers file at `PEERS_MAX` is about 64 KiB).
+const FILE_BYTES_MAX: u64 = 1 << 20;
 
 /// The identity of a data directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +53,7 @@ pub fn load_or_create(
     node: NodeId,
     seed: u64,
 ) -> anyhow::Result<DirIdentity> {
-    if let Some(bytes) = read_file(dir, IDENTITY_FILE)? {
+    if let Some(bytes) = store::read_small_file(dir, IDENTITY_FILE, FILE_BYTES_MAX)? {
         let id = decode_identity(&bytes)
             .with_context(|| format!("the data directory's {IDENTITY_FILE} file is damaged"))?;
         if id.cluster != cluster || id.node != node {
@@ -67,7 +69,7 @@ pub fn load_or_create(
     // Never zero, so that a directory made by this code is told from one made before it.
     let incarnation = seed.max(1);
     let id = DirIdentity { cluster, node, incarnation };
-    write_file(dir, IDENTITY_FILE, &encode_identity(&id))
+    store::replace_file(dir, IDENTITY_FILE, &encode_identity(&id))
         .with_context(|| format!("cannot write the data directory's {IDENTITY_FILE} file"))?;
     tracing::info!(incarnation = %format!("{incarnation:016x}"), "a new data directory");
     Ok(id)
@@ -109,14 +111,6 @@ fn checked<'a>(bytes: &'a [u8], magic: &[u8; 4]) -> anyhow::Result<&'a [u8]> {
     Ok(&data[8..])
 }
 
-fn read_file(dir: &dyn Storage, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
-    store::read_small_file(dir, name, 1 << 20)
-}
-
-fn write_file(dir: &dyn Storage, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    store::replace_file(dir, name, bytes)
-}
-
 /// The peers' incarnations this node admitted, kept in the `peers` file.
 #[derive(Debug)]
 pub struct KnownPeers {
@@ -128,7 +122,7 @@ impl KnownPeers {
     /// Loads the book from `dir` (empty when there is no file yet).
     pub fn load(dir: Arc<dyn Storage>) -> anyhow::Result<KnownPeers> {
         let mut known = BTreeMap::new();
-        if let Some(bytes) = read_file(dir.as_ref(), PEERS_FILE)? {
+        if let Some(bytes) = store::read_small_file(dir.as_ref(), PEERS_FILE, FILE_BYTES_MAX)? {
             let body = checked(&bytes, PEERS_MAGIC)
                 .with_context(|| format!("the data directory's {PEERS_FILE} file is damaged"))?;
             if body.len() % 16 != 0 {
@@ -153,7 +147,7 @@ impl KnownPeers {
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        write_file(self.dir.as_ref(), PEERS_FILE, &out)
+        store::replace_file(self.dir.as_ref(), PEERS_FILE, &out)
     }
 
     /// `peer` left the membership: a node with its id is a new peer from now on.

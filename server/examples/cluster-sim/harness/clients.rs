@@ -118,7 +118,6 @@ impl Sim {
         self.next_request += 1;
         self.requests.insert(id, op);
         self.clients[c].current = Some((op, node, id, self.now + REQUEST_TIMEOUT_MS));
-        self.nodes[i].live.as_mut().expect("alive").callers.insert(id, (c as u64, op as u64));
         self.input(i, Input::Request { id, request });
     }
 

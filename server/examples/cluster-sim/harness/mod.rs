@@ -78,7 +78,6 @@ struct Live {
     readable: LogIndex,
     view: ReadView,
     next_tick_ms: u64,
-    callers: HashMap<u64, (u64, u64)>,
     /// The last role, leader and term seen, to log changes.
     role: (Role, Option<NodeId>, raftwal_consensus::Term),
 }
@@ -328,7 +327,6 @@ impl Sim {
                     readable,
                     view: ReadView::default(),
                     next_tick_ms: self.now + TICK_MS,
-                    callers: HashMap::new(),
                     role: (Role::Follower, None, raftwal_consensus::Term(0)),
                 });
                 let line = format!("node {} starts (incarnation {})", node.id, node.incarnation);
@@ -406,26 +404,26 @@ impl Sim {
             self.log("the network heals".into());
         } else if r < 11 {
             // A failed fsync poisons the WAL: the node stops and restarts from its disk.
-            let i = self.rng.below(n as u64) as usize;
-            if self.nodes[i].live.is_some() {
-                self.nodes[i].disk.fs.fail_sync_after(self.rng.below(3));
-                let line = format!("node {}'s next fsyncs fail", self.nodes[i].id);
-                self.log(line);
-            }
+            self.fail_disk("fsyncs", 3, FaultStorage::fail_sync_after);
         } else if r < 12 {
             // A failed write (what a full disk or a bad block does to a running node): the WAL
             // is poisoned, the node stops and restarts from its disk.
-            let i = self.rng.below(n as u64) as usize;
-            if self.nodes[i].live.is_some() {
-                self.nodes[i].disk.fs.fail_write_after(self.rng.below(5));
-                let line = format!("node {}'s next writes fail", self.nodes[i].id);
-                self.log(line);
-            }
+            self.fail_disk("writes", 5, FaultStorage::fail_write_after);
         }
         for i in 0..n {
             if self.nodes[i].live.is_none() && self.now >= self.nodes[i].down_until_ms {
                 self.boot(i);
             }
+        }
+    }
+
+    /// Makes one of the next `within` operations of kind `what` fail on a random running node.
+    fn fail_disk(&mut self, what: &str, within: u64, fail: fn(&FaultStorage, u64)) {
+        let i = self.rng.below(self.nodes.len() as u64) as usize;
+        if self.nodes[i].live.is_some() {
+            fail(&self.nodes[i].disk.fs, self.rng.below(within));
+            let line = format!("node {}'s next {what} fail", self.nodes[i].id);
+            self.log(line);
         }
     }
 
@@ -622,7 +620,6 @@ impl Sim {
                     live.storage.move_start(&old, &new, change)
                 }
                 Action::Reply { id, outcome } => {
-                    live.callers.remove(&id);
                     self.reply(id, outcome);
                     Ok(())
                 }
