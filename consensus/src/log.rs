@@ -214,6 +214,37 @@ impl<S: LogStore> RaftLog<S> {
         self.unstable.extend(entries);
     }
 
+    /// The newest membership change after the commit index that another change follows in the
+    /// log: it is committed, whether or not this node was told.
+    ///
+    /// A leader appends a membership change only once every earlier one in its log is applied
+    /// (so committed), and our log up to that change is the leader's. A node that restarts with
+    /// a commit index older than what it had learned (Raft lets the commit index be volatile)
+    /// would otherwise count votes with a membership two or more changes behind its own log,
+    /// and two majorities of such memberships need not overlap: it could win an election
+    /// against a leader that committed entries it lacks. With this floor it applies all but
+    /// the last change in its log before it may campaign (see `Raft::campaign`), so it is at
+    /// most one change behind, as the leader's rule intends.
+    pub(crate) fn committed_conf_change_floor(
+        &self,
+        page_bytes: u64,
+    ) -> Result<Option<LogIndex>, StoreError> {
+        let end = self.last_index().next();
+        let mut next = self.committed.next();
+        let (mut newest, mut before_newest) = (None, None);
+        while next < end {
+            let page = self.entries(next..end, page_bytes)?;
+            for entry in &page {
+                if entry.kind == crate::message::EntryKind::ConfChange {
+                    before_newest = newest;
+                    newest = Some(entry.index);
+                }
+            }
+            next = page.last().expect("a non-empty range reads at least one entry").index.next();
+        }
+        Ok(before_newest)
+    }
+
     pub(crate) fn commit_to(&mut self, index: LogIndex) {
         if index > self.committed {
             assert!(index <= self.last_index(), "commit {index} beyond last {}", self.last_index());

@@ -181,8 +181,9 @@ impl<S: LogStore> RawNode<S> {
         let first = store.first_index();
         let last = store.last_index();
         let start = store.start();
-        // A caller may apply committed entries before the hard state that committed them is
-        // durable (Ready step 4 before step 3): what it applied is committed all the same.
+        // The commit index is volatile state in Raft: a caller may persist it late or not at
+        // all, and may apply committed entries before the hard state that committed them is
+        // durable (Ready step 4 before step 3). What it applied is committed all the same.
         let mut commit = hard_state.commit.max(applied);
         if commit > last {
             return Err(Error::InvalidRestore { reason: "the commit index is beyond the log" });
@@ -193,7 +194,10 @@ impl<S: LogStore> RawNode<S> {
             membership = start.membership;
         }
         commit = commit.max(first.prev());
-        let log = RaftLog::new(store, commit, applied);
+        let mut log = RaftLog::new(store, commit, applied);
+        if let Some(floor) = log.committed_conf_change_floor(config.apply_bytes_max)? {
+            log.commit_to(floor);
+        }
         let raft = Raft::new(config, hard_state.term, hard_state.vote, log, membership);
         let prev_soft = SoftState { leader: None, role: Role::Follower };
         let prev_hard = HardState { term: hard_state.term, vote: hard_state.vote, commit };

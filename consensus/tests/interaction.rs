@@ -15,7 +15,8 @@
 //! - `deliver-msgs [to=ID] [from=ID] [type=T] [reverse]`: step queued messages into their
 //!   recipients; `drop-msgs` with the same filters discards them.
 //! - `stabilize [IDS]`: process Readies and deliver messages until nothing moves.
-//! - `crash ID` (volatile state and unsent writes lost), `restart ID`, `partition (1) (2,3)`,
+//! - `crash ID` (volatile state and unsent writes lost), `restart ID [commit=N]` (with
+//!   `commit`, the durable commit index and applied state go back to N), `partition (1) (2,3)`,
 //!   `heal`, `compact ID INDEX`, `report-unreachable ID PEER`, `report-log-start ID PEER ok|fail`,
 //!   `status ID`, `log ID`.
 
@@ -53,6 +54,26 @@ struct Cluster {
     queue: Vec<Message>,
     /// Partition groups: messages between different groups are dropped on delivery.
     partition: Option<Vec<BTreeSet<NodeId>>>,
+}
+
+/// A caller that saved its commit index and applied state only through `commit` (Raft lets the
+/// commit index be volatile): the durable commit and applied index go back there, and the
+/// applied membership is what the log's conf changes make of the start's membership up to it.
+fn lose_commit_after(durable: &mut Durable, commit: LogIndex) {
+    durable.hard_state.commit = durable.hard_state.commit.min(commit);
+    durable.applied = durable.applied.min(commit);
+    let start = durable.log.start();
+    let mut membership = start.membership;
+    for entry in durable.log.all() {
+        if entry.index > durable.applied {
+            break;
+        }
+        if entry.kind == raftwal_consensus::EntryKind::ConfChange {
+            let change = ConfChange::decode(&entry.data).expect("a conf change entry decodes");
+            membership = membership.apply(&change).unwrap_or(membership);
+        }
+    }
+    durable.membership = membership;
 }
 
 fn opt<'a>(args: &'a [&'a str], key: &str) -> Option<&'a str> {
@@ -430,8 +451,11 @@ impl Cluster {
                 writeln!(out, "{}: crashed", id()).ok();
             }
             "restart" => {
-                let node = self.nodes.remove(&id()).expect("node");
+                let mut node = self.nodes.remove(&id()).expect("node");
                 assert!(node.raw.is_none(), "restart needs a crashed node");
+                if let Some(commit) = opt(args, "commit") {
+                    lose_commit_after(&mut node.durable, LogIndex(num(commit)));
+                }
                 self.start_node(id(), node.config, node.durable, &mut out);
                 self.status(id(), &mut out);
             }
@@ -583,6 +607,18 @@ fn run_script(name: &str) {
 macro_rules! scripts {
     ($($name:ident),* $(,)?) => {
         $(#[test] fn $name() { run_script(stringify!($name)); })*
+
+        /// A script file that no test names would never run.
+        #[test]
+        fn every_script_file_is_a_test() {
+            let listed: BTreeSet<&str> = [$(stringify!($name)),*].into_iter().collect();
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata");
+            for file in std::fs::read_dir(dir).expect("testdata") {
+                let name = file.expect("entry").file_name().to_string_lossy().into_owned();
+                let stem = name.strip_suffix(".txt").unwrap_or(&name).to_string();
+                assert!(listed.contains(stem.as_str()), "{name} is not in scripts!(...)");
+            }
+        }
     };
 }
 
@@ -621,4 +657,5 @@ scripts!(
     add_node_catch_up,
     campaign_unapplied_conf_change,
     joint_auto_leave_new_leader,
+    restart_lagging_commit_conf_change,
 );

@@ -45,6 +45,12 @@ const REGRESSION_SEEDS: &[(u64, u64, u64)] = &[
     (10, 3, 2000),
     // The same restore bug, 5 nodes.
     (8, 5, 2000),
+    // A node restarted with its commit index lost behind two membership changes in its log
+    // counted votes by the membership before both and led without a committed entry (leader
+    // completeness); fixed by RaftLog::committed_conf_change_floor. Seed 319 (5 nodes) is in
+    // the ranges above.
+    (684, 3, 2000),
+    (1874, 3, 2000),
 ];
 
 #[test]

@@ -65,7 +65,12 @@ fn serving_uncommitted_entries_is_caught() {
 /// before the remaining voter learned the removal had committed, and that voter, still counting
 /// the old leader in its quorum, never got its vote: no leader, for good. The removed leader now
 /// hands leadership over (consensus `hand_over`).
-const REGRESSION_SEEDS: &[(u64, u64)] = &[(1481, 3)];
+/// 5736 (5 nodes), 15843 and 17285 (3 nodes): two different entries committed at one index. A
+/// node restarted with its saved commit index behind two membership changes in its log, counted
+/// votes with the membership before both, and won with a majority disjoint from the one that had
+/// committed later entries. A restarting node now treats every change that another follows in
+/// its log as committed (consensus `committed_conf_change_floor`).
+const REGRESSION_SEEDS: &[(u64, u64)] = &[(1481, 3), (5736, 5), (15843, 3), (17285, 3)];
 
 #[test]
 fn regression_seeds_hold_every_property() {

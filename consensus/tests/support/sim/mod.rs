@@ -3,8 +3,9 @@
 //!
 //! What it is: 3 or 5 founding nodes (plus spare ids that may join later) driven exactly per the
 //! `Ready` contract, over an in-memory network that delays, drops, duplicates and reorders
-//! messages, with partitions (one-way too), crashes that lose everything not yet persisted, and a
-//! workload of proposals, read barriers, leadership transfers, membership changes, log
+//! messages, with partitions (one-way too), crashes that lose everything not yet persisted (in
+//! half of the runs also the commit index and applied state saved since an earlier point, as a
+//! caller that saves them lazily may), and a workload of proposals, read barriers, leadership transfers, membership changes, log
 //! compaction and unreachable reports. Safety invariants are checked at every Ready and after
 //! every step; after the fault phase the network heals and the cluster must make progress within
 //! a bounded number of ticks. What it is not: a model of the WAL or the transport; durability is
@@ -359,6 +360,11 @@ struct Sim {
     opts: Options,
     rng: Rng,
     params: Params,
+    /// Raft lets the commit index be volatile: in some runs a crash loses the commit index and
+    /// applied state saved since an earlier point, as a caller that saves them lazily would. Its
+    /// own generator, so the draws of the main one stay what they were for every seed.
+    commit_rng: Rng,
+    lose_commit_ppm: u64,
     now: u64,
     liveness: bool,
     nodes: Vec<Node>,
@@ -398,10 +404,14 @@ impl Sim {
         assert!(opts.nodes == 3 || opts.nodes == 5, "3 or 5 nodes");
         let mut rng = Rng::new(opts.seed ^ 0x005e_ed0f_5171_u64.rotate_left(opts.nodes as u32));
         let params = Params::draw(&mut rng);
+        let mut commit_rng = Rng::new(opts.seed ^ 0xc0aa_17ed_u64.rotate_left(opts.nodes as u32));
+        let lose_commit_ppm = if commit_rng.chance(500_000) { 500_000 } else { 0 };
         let mut sim = Sim {
             opts,
             rng,
             params,
+            commit_rng,
+            lose_commit_ppm,
             now: 0,
             liveness: false,
             nodes: Vec::new(),
@@ -582,11 +592,38 @@ impl Sim {
         node.incarnation += 1;
         node.role = Role::Follower;
         self.stats.crashes += 1;
+        if self.commit_rng.chance(self.lose_commit_ppm) {
+            self.lose_commit(i);
+        }
         let delay = self.rng.between(1, 80);
         let node = &mut self.nodes[i];
         node.restart_at = Some(self.now + delay);
         let id = node.id;
         self.trace(format_args!("crash node {id} (restart in {delay})"));
+    }
+
+    /// Takes node `i`'s durable commit index (and its applied state, if later) back to a point
+    /// at or after its log's start, with the membership it had applied there.
+    fn lose_commit(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = node.down_log.as_ref().expect("a crashed node keeps its durable log");
+        let floor = log.first_index().prev();
+        let commit = node.durable_hs.commit.max(node.applied);
+        if commit <= floor {
+            return;
+        }
+        let to = LogIndex(self.commit_rng.between(floor.0, commit.0));
+        if to < node.applied {
+            let Some(at) = node.memberships.iter().rposition(|(index, _)| *index <= to) else {
+                return;
+            };
+            node.memberships.truncate(at + 1);
+            node.membership = node.memberships[at].1.clone();
+            node.applied = to;
+        }
+        node.durable_hs.commit = node.durable_hs.commit.min(to);
+        let id = node.id;
+        self.trace(format_args!("node {id} lost its commit index after {to}"));
     }
 
     fn restarts(&mut self) -> Check {
