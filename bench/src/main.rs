@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+mod catch_up;
 mod cluster;
 mod etcd;
 mod fsync;
@@ -43,6 +44,8 @@ enum Mode {
     Mixed(load::Args),
     /// The comparison load: etcd KV.Put over its gRPC API (see bench/compare-etcd.sh).
     Etcd(etcd::Args),
+    /// A follower restarted far behind, and a learner added to the same log: catch-up speed.
+    CatchUp(catch_up::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +56,10 @@ fn main() -> anyhow::Result<()> {
         Mode::Append(args) => run_load(load::Mode::Append, &args),
         Mode::Follow(args) => run_load(load::Mode::Follow, &args),
         Mode::Mixed(args) => run_load(load::Mode::Mixed, &args),
+        Mode::CatchUp(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(catch_up::run(&args))
+        }
         Mode::Etcd(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = runtime.block_on(etcd::run(&args))?;

@@ -25,6 +25,10 @@ pub struct Config {
     pub check_quorum: bool,
     /// The most entry bytes in one append message (a single larger entry still goes alone).
     pub msg_bytes_max: u64,
+    /// The most entries in one append message. Each entry costs the transport a header whatever
+    /// its size, so a byte bound alone lets a message of many tiny entries outgrow what a
+    /// receiver accepts; the caller sets this from its transport's limit.
+    pub msg_entries_max: usize,
     /// Appends in flight to one follower, by count.
     pub inflight_msgs_max: usize,
     /// Appends in flight to one follower, by entry bytes.
@@ -40,7 +44,8 @@ pub struct Config {
 
 impl Config {
     /// Settings suited to a LAN with a 100 ms tick: elections after 1-2 s, heartbeats every
-    /// 100 ms, pre-vote and check-quorum on, 1 MiB messages, a 256-message or 32 MiB window,
+    /// 100 ms, pre-vote and check-quorum on, messages of 1 MiB or 8,192 entries, a 256-message or
+    /// 32 MiB window,
     /// 64 MiB uncommitted.
     pub fn new(id: NodeId, seed: u64) -> Config {
         Config {
@@ -51,6 +56,7 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             msg_bytes_max: 1 << 20,
+            msg_entries_max: 8192,
             inflight_msgs_max: 256,
             inflight_bytes_max: 32 << 20,
             uncommitted_bytes_max: 64 << 20,
@@ -75,6 +81,9 @@ impl Config {
         }
         if self.inflight_msgs_max == 0 || self.inflight_bytes_max == 0 {
             return invalid("the inflight window must allow at least one message and byte");
+        }
+        if self.msg_entries_max == 0 {
+            return invalid("msg_entries_max must be at least 1");
         }
         if self.msg_bytes_max == 0 || self.uncommitted_bytes_max == 0 || self.apply_bytes_max == 0 {
             return invalid("byte limits must be positive");

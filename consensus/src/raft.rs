@@ -713,7 +713,10 @@ impl<S: LogStore> Raft<S> {
         let prev_term = self.log.term_if_known(prev_index)?;
         let entries = match prev_term {
             Some(_) if next <= last => {
-                match self.log.entries(next..last.next(), self.cfg.msg_bytes_max) {
+                let end = last
+                    .next()
+                    .min(LogIndex(next.0.saturating_add(self.cfg.msg_entries_max as u64)));
+                match self.log.entries(next..end, self.cfg.msg_bytes_max) {
                     Ok(entries) => Some(entries),
                     Err(StoreError::Compacted { .. }) => None,
                     Err(err) => return Err(err.into()),

@@ -5,6 +5,7 @@
 //! Commands (ids are node ids; `k=v` options in any order):
 //! - `add-nodes N [voters=(1,2,3)] [learners=(4)] [pre-vote=true] [check-quorum=true]
 //!   [election=10] [heartbeat=1] [inflight=256] [inflight-bytes=N] [max-msg-bytes=N]
+//!   [max-msg-entries=N]
 //!   [uncommitted-bytes=N]`: nodes 1..=N (or the next ids), founding members of the group with
 //!   the given membership (default: all N voters). `add-node ID`: a node joining later, empty.
 //! - `campaign ID`, `tick ID [COUNT]`, `propose ID DATA...`, `read-index ID CTX`,
@@ -141,6 +142,7 @@ impl Cluster {
             config.inflight_msgs_max = opt(args, "inflight").map_or(256, num);
             config.inflight_bytes_max = opt(args, "inflight-bytes").map_or(32 << 20, num);
             config.msg_bytes_max = opt(args, "max-msg-bytes").map_or(1 << 20, num);
+            config.msg_entries_max = opt(args, "max-msg-entries").map_or(8192, num);
             config.uncommitted_bytes_max = opt(args, "uncommitted-bytes").map_or(64 << 20, num);
             let mut log = MemLog::new(empty_start());
             log.append(&entries);
@@ -658,4 +660,5 @@ scripts!(
     campaign_unapplied_conf_change,
     joint_auto_leave_new_leader,
     restart_lagging_commit_conf_change,
+    max_msg_entries,
 );

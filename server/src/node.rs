@@ -305,6 +305,9 @@ fn core_configs(cfg: &NodeConfig) -> (Config, CoreConfig) {
     rc.election_ticks = cfg.election_ticks;
     rc.heartbeat_ticks = cfg.heartbeat_ticks;
     rc.uncommitted_bytes_max = cfg.uncommitted_bytes_max;
+    // Every peer receives with the transport's default frame limits.
+    rc.msg_entries_max =
+        rc.msg_entries_max.min(raftwal_transport::FrameLimits::default().app_entries_max());
     let core_config = CoreConfig {
         id,
         read_barrier_ticks: u64::from(cfg.election_ticks) * 2,

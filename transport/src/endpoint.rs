@@ -10,6 +10,11 @@
 //! 16-byte header (`RWP1`, version, lane, sender id). The control stream has the highest send
 //! priority, so a heartbeat never waits behind a large append.
 //!
+//! Restarts: a node killed without closing its connections (kill -9, power loss) leaves its
+//! peers holding them until their idle timeout. Its stateless-reset and connection-id keys are
+//! derived from its private key, so its next process answers the first packet of an old
+//! connection with a QUIC stateless reset that the peer accepts, and the peer redials at once.
+//!
 //! Flow control: each peer has a bounded queue per lane (messages and bytes). When a queue is
 //! full, [`Transport::send`] returns [`SendError::QueueFull`] and the caller reports the peer
 //! unreachable to consensus (etcd's ReportUnreachable), instead of buffering without bound.
@@ -310,8 +315,24 @@ impl Transport {
             return Err(StartError::InvalidConfig { reason: "queue limits must be positive" });
         }
         let (server_config, client_config) = quinn_configs(&config)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        let socket = std::net::UdpSocket::bind(config.listen)
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        // Both keys survive a restart (they come from the node's private key): the restarted
+        // process recognises its predecessor's connection ids and resets those connections, so
+        // a peer that kept one after a kill -9 redials at once (see the module docs).
+        let mut endpoint_config =
+            quinn::EndpointConfig::new(Arc::new(config.identity.stateless_reset_key()));
+        let cid_key = config.identity.connection_id_key();
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let (inbox_tx, inbox_rx) = mpsc::channel(config.inbox_msgs_max);
         let reject =
             |reason: &'static str| counter!("raftwal_transport_rejected_total", "reason" => reason);

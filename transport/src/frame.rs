@@ -45,6 +45,20 @@ impl Default for FrameLimits {
     }
 }
 
+/// Archive bytes of an append message besides its entries' headers (ids, term, indexes, the
+/// vector's length), rounded well up.
+const APP_ARCHIVE_FIXED_BYTES: usize = 256;
+
+impl FrameLimits {
+    /// The most entries one append message may carry for its archive to stay within
+    /// `archive_bytes_max`: every entry costs a fixed-size header whatever its payload, so a
+    /// sender that bounds messages only by payload bytes can build one this receiver refuses.
+    pub fn app_entries_max(&self) -> usize {
+        let per_entry = std::mem::size_of::<ArchivedWireEntry>();
+        (self.archive_bytes_max as usize).saturating_sub(APP_ARCHIVE_FIXED_BYTES) / per_entry
+    }
+}
+
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -427,6 +441,40 @@ mod tests {
         assert_eq!(decode(bytes.clone(), &FrameLimits::default()), Ok(msg));
         // The payload is the frame's tail, verbatim.
         assert!(bytes.ends_with(b"hello"));
+    }
+
+    fn app_of(count: usize) -> Message {
+        let entries = (0..count as u64)
+            .map(|i| Entry {
+                term: Term(3),
+                index: LogIndex(10 + i),
+                kind: EntryKind::Normal,
+                data: Bytes::new(),
+            })
+            .collect();
+        let mut msg = sample();
+        msg.term = Term(u64::MAX >> 2);
+        if let MessageBody::App { entries: e, prev_index, commit, .. } = &mut msg.body {
+            *e = entries;
+            *prev_index = LogIndex(9);
+            *commit = LogIndex(u64::MAX >> 2);
+        }
+        msg
+    }
+
+    #[test]
+    fn an_append_of_app_entries_max_entries_fits_the_archive_limit() {
+        let limits = FrameLimits::default();
+        let max = limits.app_entries_max();
+        assert!(max >= 8192, "the consensus default fits: {max}");
+        let fits = Bytes::from(encode(&app_of(max)).to_vec());
+        assert!(decode(fits, &limits).is_ok());
+        // The bound is close, not loose: a few percent more entries no longer fit.
+        let over = Bytes::from(encode(&app_of(max + max / 50)).to_vec());
+        assert!(matches!(
+            decode(over, &limits),
+            Err(FrameError::TooLarge { field: "archive", .. })
+        ));
     }
 
     #[test]

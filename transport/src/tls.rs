@@ -71,6 +71,33 @@ impl Identity {
         })
     }
 
+    /// The key QUIC derives stateless reset tokens from: the same across restarts of this
+    /// node (it comes from the node's private key), so that a restarted node answers a packet
+    /// of a connection its previous process had with a reset the peer accepts, and the peer
+    /// drops that connection at once instead of waiting for its idle timeout.
+    pub(crate) fn stateless_reset_key(&self) -> ring::hmac::Key {
+        let secret = self.derive(b"stateless reset key");
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
+    }
+
+    /// The key of the connection ids this node issues, also the same across restarts: a QUIC
+    /// endpoint answers a packet with a reset only if the packet's connection id carries its
+    /// key's mark, so a restarted node must recognise the ids its previous process issued.
+    pub(crate) fn connection_id_key(&self) -> u64 {
+        let secret = self.derive(b"connection id key");
+        u64::from_le_bytes(secret[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+    }
+
+    /// A secret for `purpose`, derived from the private key.
+    fn derive(&self, purpose: &[u8]) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"raftwal-transport v1\0");
+        ctx.update(purpose);
+        ctx.update(b"\0");
+        ctx.update(self.key.secret_der());
+        ctx.finish().as_ref().try_into().expect("a SHA-256 digest has 32 bytes")
+    }
+
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for ca in &self.ca {
