@@ -51,6 +51,7 @@ struct Limits {
     appends_inflight_max: u64,
     appends_inflight_bytes_max: u64,
     append_stream_window: u32,
+    disk_free_min_bytes: u64,
 }
 
 /// Starts the gRPC server on `listener` until `shutdown` turns true.
@@ -71,6 +72,7 @@ pub fn serve(
             appends_inflight_max: cfg.appends_inflight_max,
             appends_inflight_bytes_max: cfg.appends_inflight_bytes_max,
             append_stream_window: cfg.append_stream_window,
+            disk_free_min_bytes: cfg.disk_free_min_bytes,
         },
         followers: Arc::new(Semaphore::new(cfg.followers_max as usize)),
         stopping: shutdown.clone(),
@@ -184,6 +186,11 @@ impl Api {
         req: proto::AppendRequest,
     ) -> Result<(oneshot::Receiver<Outcome>, InflightGuard), Status> {
         let bytes = self.check_append(&req)?;
+        if let Some(why) = crate::disk::refusal(&self.shared, self.limits.disk_free_min_bytes) {
+            metrics::counter!("raftwal_server_appends_refused_total", "reason" => "disk_low")
+                .increment(1);
+            return Err(Status::resource_exhausted(why));
+        }
         let (guard, appends, inflight_bytes) = InflightGuard::new(self.shared.clone(), bytes);
         if appends >= self.limits.appends_inflight_max {
             return Err(Status::resource_exhausted("too many appends in flight on this node"));

@@ -117,6 +117,10 @@ pub struct NodeConfig {
     pub producers_max: u64,
     /// WAL segment size.
     pub segment_bytes: u64,
+    /// Below this many free bytes on the data disk, appends are refused (RESOURCE_EXHAUSTED)
+    /// while reads, follows and trims go on. At least two segments, so a trim always has room;
+    /// 0 turns the check off (a full disk then stops the node).
+    pub disk_free_min_bytes: u64,
     /// `sync` (fdatasync before acknowledging; the default) or `unsafe-no-sync` (no fsync: a
     /// power loss on a quorum loses acknowledged appends; for benchmarks that say so).
     pub durability: String,
@@ -152,6 +156,7 @@ impl NodeConfig {
             append_stream_window: 64,
             producers_max: 20_000,
             segment_bytes: 64 << 20,
+            disk_free_min_bytes: 256 << 20,
             durability: "sync".to_string(),
         }
     }
@@ -212,6 +217,13 @@ impl NodeConfig {
             bail!(
                 "segment_bytes must be at least {entry_frame}: every node's WAL must hold the \
                  largest entry any leader may send (a record of 8 MiB and its envelope)"
+            );
+        }
+        if self.disk_free_min_bytes != 0 && self.disk_free_min_bytes < 2 * self.segment_bytes {
+            bail!(
+                "disk_free_min_bytes must be 0 (no check) or at least two segments ({} bytes): \
+                 a trim needs room for its log entry and perhaps a new segment",
+                2 * self.segment_bytes
             );
         }
         self.wal_durability()?;

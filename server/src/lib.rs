@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod config;
+pub mod disk;
 pub mod core;
 pub mod envelope;
 pub mod http;

@@ -135,6 +135,7 @@ impl Node {
             .context("spawn the driver thread")?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown_rx_disk = shutdown_rx.clone();
         let api_task = api::serve(
             &cfg,
             &pem,
@@ -146,6 +147,13 @@ impl Node {
         let http_task = http::serve(shared.clone(), http_listener, shutdown_rx);
         let grace = Duration::from_millis(cfg.tick_ms * u64::from(cfg.election_ticks) * 3);
         let refusal_task = tokio::spawn(stop_when_refused(refusal, shared.clone(), grace));
+        let disk_task = tokio::spawn(crate::disk::watch_free_space(
+            shared.clone(),
+            cfg.data_dir.clone(),
+            cfg.disk_free_min_bytes,
+            Duration::from_millis(cfg.tick_ms),
+            shutdown_rx_disk,
+        ));
         tracing::info!(node = id.0, %api_addr, %http_addr, %peer_addr, "node started");
         Ok(Node {
             shared,
@@ -155,7 +163,7 @@ impl Node {
             peer_addr,
             driver_thread: Some(driver_thread),
             shutdown,
-            servers: vec![inbox_task, api_task, http_task, refusal_task],
+            servers: vec![inbox_task, api_task, http_task, refusal_task, disk_task],
         })
     }
 
@@ -257,6 +265,7 @@ fn new_shared(id: NodeId, wal: Arc<Wal>, status: raftwal_consensus::Status) -> S
         appends_inflight: AtomicU64::new(0),
         appends_inflight_bytes: AtomicU64::new(0),
         failure: watch::Sender::new(None),
+        disk_free_bytes: AtomicU64::new(u64::MAX),
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Shared {
     pub appends_inflight_bytes: AtomicU64,
     /// Set with a message when the driver stopped on an error.
     pub failure: watch::Sender<Option<String>>,
+    /// Free bytes on the data disk, as last measured (`u64::MAX` until then).
+    pub disk_free_bytes: AtomicU64,
 }
 
 impl Shared {
