@@ -247,18 +247,18 @@ impl Nemesis {
                         ""
                     }
                 );
-                event.effect_us = Some(self.rec.now_us());
                 cluster.kill9(id).await;
+                event.effect_us = Some(self.rec.now_us());
                 tokio::time::sleep(down).await;
                 self.come_back(cluster, id, event).await;
             }
             FaultKind::KillAll => {
                 let down = self.ms(500, 3000);
                 event.detail = format!("kill -9 every node for {down:?}");
-                event.effect_us = Some(self.rec.now_us());
                 for &id in &ids {
                     cluster.kill9(id).await;
                 }
+                event.effect_us = Some(self.rec.now_us());
                 tokio::time::sleep(down).await;
                 for &id in &ids {
                     if let Err(e) = cluster.start(id) {
@@ -284,8 +284,8 @@ impl Nemesis {
                     "SIGSTOP node {id}{} for {hold:?}",
                     if leader { " (the leader)" } else { "" }
                 );
-                event.effect_us = Some(self.rec.now_us());
                 cluster.signal_pause(id, true)?;
+                event.effect_us = Some(self.rec.now_us());
                 tokio::time::sleep(hold).await;
                 cluster.signal_pause(id, false)?;
                 if let Err(why) = cluster.wait_ready(id, COME_BACK).await {
@@ -326,7 +326,6 @@ impl Nemesis {
         let ip = |id: u64| cluster.spec(id).ip;
         let hold = self.ms(2000, 8000);
         let leader = cluster.leader().await;
-        event.effect_us = Some(self.rec.now_us());
         match event.kind {
             FaultKind::Partition => {
                 ids.shuffle(&mut self.rng);
@@ -386,6 +385,8 @@ impl Nemesis {
                 )?;
             }
         }
+        // In effect once every rule is in place (each is one nft command).
+        event.effect_us = Some(self.rec.now_us());
         tokio::time::sleep(hold).await;
         Ok(())
     }

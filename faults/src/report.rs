@@ -23,7 +23,10 @@ pub struct FaultStats {
     /// Longest window with no acknowledged append overlapping the fault (until 5 s after it
     /// healed, or the next fault).
     pub unavailable_s: f64,
-    /// From injection to the completion of the first acknowledged append invoked after it.
+    /// Where that window began.
+    pub unavailable_from_s: f64,
+    /// From the moment the fault was in effect to the completion of the first acknowledged
+    /// append invoked after it (near 0 when the fault did not touch the leader).
     pub recovery_s: Option<f64>,
     pub notes: Vec<String>,
     pub node_not_back: bool,
@@ -99,12 +102,15 @@ pub fn build(
         let next = history.faults.get(i + 1).map_or(end, |n| n.start_us);
         let until = (f.healed_us + AFTER_HEAL_US).min(next.max(f.healed_us));
         windows.push((f.start_us, until));
-        let unavailable = gaps
+        // A gap belongs to the latest fault that began before the gap ended, if the gap began
+        // before that fault's window closed: the gap that a fault opens usually begins just
+        // before it (the last acknowledgement before the fault).
+        let (unavailable, unavailable_at) = gaps
             .iter()
-            .filter(|(a, b)| *b > f.start_us && *a < until)
-            .map(|(a, b)| b - a)
+            .filter(|&&(a, b)| f.start_us < b && b <= next && a < until)
+            .map(|(a, b)| (b - a, *a))
             .max()
-            .unwrap_or(0);
+            .unwrap_or((0, f.start_us));
         let recovery = acked_ops
             .iter()
             .filter(|(invoke, _)| *invoke >= f.start_us)
@@ -116,6 +122,7 @@ pub fn build(
             start_s: secs(f.start_us),
             held_s: secs(f.healed_us.saturating_sub(f.start_us)),
             unavailable_s: secs(unavailable),
+            unavailable_from_s: secs(unavailable_at),
             recovery_s: recovery.map(secs),
             notes: f.notes.clone(),
             node_not_back: f.node_not_back,
@@ -160,8 +167,8 @@ pub fn build(
         }
         if f.unavailable_s * 1e6 > LONG_UNAVAILABLE_US as f64 {
             findings.push(format!(
-                "[{:.1}s] {}: no acknowledged append for {:.1}s ({}; held {:.1}s)",
-                f.start_s, f.kind, f.unavailable_s, f.detail, f.held_s
+                "[{:.1}s] {}: no acknowledged append for {:.1}s from {:.1}s ({}; held {:.1}s)",
+                f.start_s, f.kind, f.unavailable_s, f.unavailable_from_s, f.detail, f.held_s
             ));
         }
     }
