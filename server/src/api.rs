@@ -16,7 +16,7 @@ use raftwal_client::{
 use raftwal_consensus::{ConfChange, ConfStep, LogIndex, NodeId, ProgressState, Role};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -94,14 +94,8 @@ pub fn serve(
                 .max_encoding_message_size(READ_BYTES_MAX as usize + (1 << 20)),
         )
         .add_service(AdminServer::new(api));
-    // Responses must not wait for Nagle's algorithm and the peer's delayed ACK (40 ms here):
-    // `serve_with_incoming` leaves accepted sockets as they come, so set TCP_NODELAY on each.
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |s| {
-        s.and_then(|s| {
-            s.set_nodelay(true)?;
-            Ok(s)
-        })
-    });
+    // At most `max_client_connections` open, TCP_NODELAY on each (conn_limit.rs).
+    let incoming = crate::conn_limit::grpc_incoming(listener, cfg.max_client_connections as usize);
     Ok(tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;

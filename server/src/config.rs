@@ -111,6 +111,10 @@ pub struct NodeConfig {
     pub appends_inflight_bytes_max: u64,
     /// Concurrent Follow streams on this node.
     pub followers_max: u64,
+    /// Open client (gRPC) connections; a connection over it is closed at once and counted.
+    pub max_client_connections: u64,
+    /// Open connections to the HTTP admin port; over it, closed at once and counted.
+    pub max_http_connections: u64,
     /// Requests in flight per AppendStream.
     pub append_stream_window: u32,
     /// Producers whose last sequence is remembered (least recent forgotten first).
@@ -153,6 +157,8 @@ impl NodeConfig {
             appends_inflight_max: 65_536,
             appends_inflight_bytes_max: 256 << 20,
             followers_max: 1024,
+            max_client_connections: 10_000,
+            max_http_connections: 256,
             append_stream_window: 64,
             producers_max: 20_000,
             segment_bytes: 64 << 20,
@@ -229,6 +235,9 @@ impl NodeConfig {
         self.wal_durability()?;
         if self.appends_inflight_bytes_max < self.request_bytes_max {
             bail!("appends_inflight_bytes_max must be at least request_bytes_max");
+        }
+        if self.max_client_connections == 0 || self.max_http_connections == 0 {
+            bail!("max_client_connections and max_http_connections must be > 0");
         }
         if self.appends_inflight_max == 0
             || self.followers_max == 0

@@ -75,6 +75,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
@@ -87,6 +88,7 @@ pub fn serve(
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
+        let listener = crate::conn_limit::HttpListener::new(listener, max_connections);
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!(error = %e, "the HTTP admin port stopped");
         }

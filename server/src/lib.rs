@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod config;
+pub mod conn_limit;
 pub mod disk;
 pub mod core;
 pub mod envelope;

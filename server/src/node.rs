@@ -144,7 +144,12 @@ impl Node {
             api_listener,
             shutdown_rx.clone(),
         )?;
-        let http_task = http::serve(shared.clone(), http_listener, shutdown_rx);
+        let http_task = http::serve(
+            shared.clone(),
+            http_listener,
+            cfg.max_http_connections as usize,
+            shutdown_rx,
+        );
         let grace = Duration::from_millis(cfg.tick_ms * u64::from(cfg.election_ticks) * 3);
         let refusal_task = tokio::spawn(stop_when_refused(refusal, shared.clone(), grace));
         let disk_task = tokio::spawn(crate::disk::watch_free_space(

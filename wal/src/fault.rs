@@ -84,6 +84,8 @@ struct SimFs {
     writes: u64,
     fail_sync_at: Option<u64>,
     fail_write_at: Option<u64>,
+    /// The next creates fail with this OS error: (errno, how many).
+    fail_creates: Option<(i32, u64)>,
     hook: Option<Hook>,
 }
 
@@ -271,6 +273,12 @@ impl FaultStorage {
         fs.fail_write_at = Some(fs.writes.saturating_add(n));
     }
 
+    /// Makes the next `count` file creations fail with the OS error `errno` (EMFILE, ENOSPC,
+    /// ...), as when a process runs out of file descriptors or the disk of space.
+    pub fn fail_creates(&self, errno: i32, count: u64) {
+        self.fs().fail_creates = (count > 0).then_some((errno, count));
+    }
+
     /// The disk a crash right now would leave.
     pub fn crash_image(&self, spec: CrashSpec) -> FaultStorage {
         self.fs().crash_image(spec)
@@ -317,6 +325,10 @@ impl Storage for FaultStorage {
         let mut fs = self.fs();
         if fs.names.contains_key(name) {
             return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        if let Some((errno, left)) = fs.fail_creates {
+            fs.fail_creates = (left > 1).then_some((errno, left - 1));
+            return Err(io::Error::from_raw_os_error(errno));
         }
         fs.run_hook("create");
         let id = fs.next_id;

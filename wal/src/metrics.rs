@@ -14,6 +14,9 @@ pub(crate) struct WalMetrics {
     pub(crate) bytes_written: Counter,
     /// `raftwal_wal_segments`: segment files in use.
     pub(crate) segments: Gauge,
+    /// `raftwal_wal_resource_waits_total`: times a new segment waited for file descriptors,
+    /// space or memory (its writes waited; the WAL was not poisoned).
+    pub(crate) resource_waits: Counter,
 }
 
 impl WalMetrics {
@@ -24,6 +27,7 @@ impl WalMetrics {
             group_bytes: histogram!("raftwal_wal_group_bytes"),
             bytes_written: counter!("raftwal_wal_bytes_written_total"),
             segments: gauge!("raftwal_wal_segments"),
+            resource_waits: counter!("raftwal_wal_resource_waits_total"),
         }
     }
 }

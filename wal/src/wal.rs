@@ -10,13 +10,14 @@
 use std::any::Any;
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
+use std::io;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -24,7 +25,7 @@ use crate::format::{
     encode_frame_unchained, frame_bytes,
 };
 use crate::metrics::WalMetrics;
-use crate::prepare::Preparer;
+use crate::prepare::{Prepared, Preparer};
 use crate::recovery::{RecoveryReport, recover};
 use crate::segment::{LogView, Record, SegmentIndex, segment_name};
 use crate::storage::{FsStorage, Storage, StorageFile};
@@ -66,6 +67,11 @@ pub struct Options {
     /// spare segment file and a second write of every segment's bytes, and at high load its
     /// writeback lengthens tail latency more than it raises throughput (ARCHITECTURE.md).
     pub prepare_segments: bool,
+    /// How long a new segment may wait for a resource that runs out for a while: file
+    /// descriptors (EMFILE, ENFILE), disk space or quota (ENOSPC, EDQUOT), memory (ENOMEM).
+    /// Nothing is written before the segment exists, so such a failure is retried with backoff
+    /// instead of poisoning the WAL; only past this wait does it poison.
+    pub resource_wait_max: Duration,
 }
 
 impl Default for Options {
@@ -78,6 +84,7 @@ impl Default for Options {
             queue_bytes_max: 256 << 20,
             durability: Durability::Sync,
             prepare_segments: false,
+            resource_wait_max: Duration::from_secs(60),
         }
     }
 }
@@ -128,6 +135,8 @@ pub struct WalStats {
     pub segment_sync_us: u64,
     /// Segments that came ready-made from the background preparer.
     pub segments_prepared: u64,
+    /// Times a new segment waited for a resource that had run out (EMFILE, ENOSPC, ...).
+    pub resource_waits: u64,
 }
 
 #[derive(Default)]
@@ -138,6 +147,7 @@ struct Counters {
     bytes: AtomicU64,
     segment_sync_us: AtomicU64,
     segments_prepared: AtomicU64,
+    resource_waits: AtomicU64,
 }
 
 /// Proof of a submission; pass it to [`Wal::wait`].
@@ -576,10 +586,56 @@ impl Wal {
     }
 
     /// Creates, preallocates, stamps and makes durable a new segment starting at `first_index`
-    /// (a restart segment when `restart` is set).
+    /// (a restart segment when `restart` is set). A resource that ran out before anything was
+    /// written (file descriptors, space, memory) is waited for, up to `resource_wait_max`.
     fn create_segment(
         &self,
         writer: &mut Writer,
+        first_index: LogIndex,
+        restart: Option<RestartMark>,
+    ) -> Result<SegmentIndex> {
+        if let Some(prepared) = self.preparer.as_ref().and_then(Preparer::take) {
+            let fresh = NewSegmentFile::Prepared(prepared);
+            return self.stamp_segment(writer, fresh, first_index, restart);
+        }
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(5);
+        loop {
+            let name = segment_name(writer.next_segment_id);
+            match self.open_new_segment(&name) {
+                Ok(file) => {
+                    let fresh = NewSegmentFile::Fresh(file);
+                    return self.stamp_segment(writer, fresh, first_index, restart);
+                }
+                Err(e) if is_transient(&e) && started.elapsed() < self.opts.resource_wait_max => {
+                    self.counters.resource_waits.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.resource_waits.increment(1);
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(Error::Io { op: "create segment", source: e }),
+            }
+        }
+    }
+
+    /// The file of a new segment, preallocated, with nothing written to it yet. A file whose
+    /// preallocation failed is removed again, so a retry starts clean.
+    fn open_new_segment(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
+        let file = self.storage.create(name)?;
+        if let Err(e) = file.allocate(self.opts.segment_bytes) {
+            drop(file);
+            let _ = self.storage.remove(name);
+            return Err(e);
+        }
+        Ok(file)
+    }
+
+    /// Stamps the header on a new segment's file (or takes a prepared one) and makes it durable
+    /// under its segment name; it becomes the active segment.
+    fn stamp_segment(
+        &self,
+        writer: &mut Writer,
+        fresh: NewSegmentFile,
         first_index: LogIndex,
         restart: Option<RestartMark>,
     ) -> Result<SegmentIndex> {
@@ -589,8 +645,8 @@ impl Wal {
         let header = SegmentHeader { segment_id: id, first_index, restart };
         // The header is durable before the file has its segment name, and the name is durable
         // before any frame is written to it.
-        let file = match self.preparer.as_ref().and_then(Preparer::take) {
-            Some(prepared) => {
+        let file = match fresh {
+            NewSegmentFile::Prepared(prepared) => {
                 let file = prepared.file;
                 file.write_at(&header.encode(), 0).map_err(Error::io("write segment header"))?;
                 file.sync_data().map_err(Error::io("fdatasync segment header"))?;
@@ -598,9 +654,7 @@ impl Wal {
                 self.counters.segments_prepared.fetch_add(1, Ordering::Relaxed);
                 file
             }
-            None => {
-                let file = self.storage.create(&name).map_err(Error::io("create segment"))?;
-                file.allocate(self.opts.segment_bytes).map_err(Error::io("fallocate segment"))?;
+            NewSegmentFile::Fresh(file) => {
                 file.write_at(&header.encode(), 0).map_err(Error::io("write segment header"))?;
                 file.sync_data().map_err(Error::io("fdatasync segment header"))?;
                 file
@@ -837,6 +891,7 @@ impl Wal {
             bytes: c.bytes.load(Ordering::Relaxed),
             segment_sync_us: c.segment_sync_us.load(Ordering::Relaxed),
             segments_prepared: c.segments_prepared.load(Ordering::Relaxed),
+            resource_waits: c.resource_waits.load(Ordering::Relaxed),
         }
     }
 
@@ -844,4 +899,22 @@ impl Wal {
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
     }
+}
+
+/// The file a new segment goes into.
+enum NewSegmentFile {
+    /// Made ahead by the preparer (zero-filled, synced, under a temporary name).
+    Prepared(Prepared),
+    /// Created and preallocated just now, under the segment's name.
+    Fresh(Arc<dyn StorageFile>),
+}
+
+/// Whether `e` is a resource that runs out for a while rather than a failed write: waiting for
+/// it is safe, since nothing has been written yet.
+fn is_transient(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOSPC | Errno::DQUOT | Errno::NOMEM)
+    )
 }

@@ -93,3 +93,55 @@ fn reopening_after_poison_recovers_the_acknowledged_prefix() {
     // And it takes appends again, continuing the log.
     wal.append(&[entry(3, b"c2")]).expect("append after recovery");
 }
+
+const EMFILE: i32 = 24;
+const ENOSPC: i32 = 28;
+
+fn small_segments(storage: &FaultStorage, wait: std::time::Duration) -> Wal {
+    let opts = Options {
+        prepare_segments: false,
+        segment_bytes: 4096,
+        record_bytes_max: 1024,
+        resource_wait_max: wait,
+        ..Options::default()
+    };
+    Wal::open_with(Arc::new(storage.clone()), opts).expect("open")
+}
+
+#[test]
+fn running_out_of_file_descriptors_or_space_at_a_new_segment_waits_and_does_not_poison() {
+    // Before, the first EMFILE at a segment rollover poisoned the WAL and stopped the node.
+    for errno in [EMFILE, ENOSPC] {
+        let storage = FaultStorage::new();
+        let wal = small_segments(&storage, std::time::Duration::from_secs(30));
+        let payload = [7u8; 900];
+        let mut index = 1;
+        while wal.stats().segment_syncs == 0 || index < 4 {
+            wal.append(&[entry(index, &payload)]).expect("fill the first segment");
+            index += 1;
+        }
+        let segments_before = storage.names().len();
+        // The next rollovers hit the error three times; the writes wait, then complete.
+        storage.fail_creates(errno, 3);
+        for _ in 0..10 {
+            wal.append(&[entry(index, &payload)]).expect("an append through the shortage");
+            index += 1;
+        }
+        assert!(!wal.is_poisoned(), "errno {errno} poisoned the WAL");
+        assert_eq!(wal.stats().resource_waits, 3, "errno {errno}");
+        assert!(storage.names().len() > segments_before, "new segments were made");
+        assert_eq!(wal.entry(LogIndex(index - 1)).expect("read").payload(), &payload[..]);
+    }
+}
+
+#[test]
+fn a_shortage_longer_than_the_wait_poisons() {
+    let storage = FaultStorage::new();
+    let wal = small_segments(&storage, std::time::Duration::from_millis(50));
+    let payload = [7u8; 900];
+    storage.fail_creates(EMFILE, u64::MAX);
+    let first = wal.append(&[entry(1, &payload)]);
+    assert!(matches!(first, Err(Error::Io { .. })), "{first:?}");
+    assert!(wal.is_poisoned());
+    assert!(wal.stats().resource_waits >= 2, "it waited before giving up");
+}
