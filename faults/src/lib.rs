@@ -23,6 +23,7 @@ pub mod disk;
 pub mod history;
 pub mod nemesis;
 pub mod net;
+pub mod raw;
 pub mod report;
 pub mod run;
 pub mod selftest;

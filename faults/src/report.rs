@@ -51,6 +51,9 @@ pub struct Report {
     pub appends_acked: usize,
     pub appends_failed: usize,
     pub appends_unknown: usize,
+    /// Per producer (u0.. unary, a pipelined, e expected-offset, x raw): acknowledged,
+    /// failed (not done), unknown appends.
+    pub producers: BTreeMap<String, [usize; 3]>,
     pub reads: usize,
     pub follow_records: usize,
     /// The longest window without an acknowledged append outside every fault window.
@@ -77,14 +80,23 @@ pub fn build(
     let mut acks: Vec<u64> = Vec::new();
     let mut acked_ops: Vec<(u64, u64)> = Vec::new();
     let (mut failed, mut unknown) = (0, 0);
+    let mut producers: BTreeMap<String, [usize; 3]> = BTreeMap::new();
     for op in &history.appends {
+        let counts = producers.entry(op.process.clone()).or_default();
         match (&op.outcome, op.complete_us) {
             (AppendOutcome::Acked { .. }, Some(done)) => {
                 acks.push(done);
                 acked_ops.push((op.invoke_us, done));
+                counts[0] += 1;
             }
-            (AppendOutcome::Failed { .. }, _) => failed += 1,
-            _ => unknown += 1,
+            (AppendOutcome::Failed { .. }, _) => {
+                failed += 1;
+                counts[1] += 1;
+            }
+            _ => {
+                unknown += 1;
+                counts[2] += 1;
+            }
         }
     }
     acks.sort_unstable();
@@ -188,6 +200,7 @@ pub fn build(
         appends_acked: acked_ops.len(),
         appends_failed: failed,
         appends_unknown: unknown,
+        producers,
         reads: history.reads.iter().filter(|r| r.records.is_some()).count(),
         follow_records: history.follows.iter().map(|f| f.records.len()).sum(),
         unavailable_no_fault_s: secs(unavailable_no_fault),
@@ -231,6 +244,9 @@ impl Report {
             self.follow_records,
             self.check.log_records
         ));
+        let per: Vec<String> =
+            self.producers.iter().map(|(p, [a, f, u])| format!("{p} {a}/{f}/{u}")).collect();
+        out.push_str(&format!("per producer (acked/failed/unknown): {}\n", per.join(", ")));
         for s in &self.skipped {
             out.push_str(&format!("skipped: {s}\n"));
         }

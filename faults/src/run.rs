@@ -142,10 +142,10 @@ async fn drive(
     };
     eprintln!("faults: node {leader} leads; starting the workload");
     let rec = Arc::new(Recorder::new(t0));
-    let client =
-        Client::connect(cluster.client_config()).await.context("connect the workload client")?;
+    let config = cluster.client_config();
+    let client = Client::connect(config.clone()).await.context("connect the workload client")?;
     let workload_start = rec.now_us();
-    let workload = Workload::start(&client, opts.shape, rec.clone())?;
+    let workload = Workload::start(&client, &config, opts.shape, rec.clone())?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut nemesis =

@@ -4,6 +4,8 @@
 //! - unary producers (`u0`, `u1`, ...): one append at a time, each with its producer id and
 //!   a new sequence; the client retries an append whose outcome is unknown with the same
 //!   sequence and the server deduplicates;
+//! - a raw producer (`x`, [`crate::raw`]) that retries an unknown outcome with the same
+//!   sequence until it gets a definite answer;
 //! - a pipelined producer (`a`): an [`raftwal_client::Appender`] with a window of appends in
 //!   flight, batches of one to three records;
 //! - an expected-offset producer (`e`): appends only at the offset it expects, learning the
@@ -19,13 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use raftwal_client::{
-    AppendOptions, Appended, Appender, AppenderConfig, Client, ClientError, FollowEvent, Offset,
+    AppendOptions, Appended, Appender, AppenderConfig, Client, ClientConfig, ClientError,
+    FollowEvent, Offset,
 };
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt as _;
 
 use crate::history::{AppendOutcome, FollowLog, ReadOp, Recorder, record_bytes, record_id};
+use crate::raw::{channels, raw_producer};
 
 /// How the workload is shaped.
 #[derive(Clone, Copy, Debug)]
@@ -52,9 +56,27 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn start(client: &Client, shape: Shape, rec: Arc<Recorder>) -> anyhow::Result<Workload> {
+    pub fn start(
+        client: &Client,
+        config: &ClientConfig,
+        shape: Shape,
+        rec: Arc<Recorder>,
+    ) -> anyhow::Result<Workload> {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let producer_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ u64::from(std::process::id()) << 32;
+        tasks.spawn(raw_producer(
+            channels(config)?,
+            producer_id.max(1),
+            shape.record_bytes,
+            shape.producer_pause,
+            rec.clone(),
+            stop_rx.clone(),
+        ));
         for p in 0..shape.producers {
             tasks.spawn(unary_producer(
                 client.new_producer(),
@@ -193,9 +215,15 @@ async fn expecting_producer(
             Err(ClientError::OffsetMismatch { next_offset }) => expect = next_offset.get(),
             Err(_) => {}
         }
-        let failed = result.is_err() && !matches!(result, Err(ClientError::OffsetMismatch { .. }));
+        let mismatch = matches!(result, Err(ClientError::OffsetMismatch { .. }));
         rec.complete_append(index, outcome(&result));
-        let wait = if failed { Duration::from_millis(100) } else { shape.producer_pause };
+        // After a mismatch, try again at once at the offset the server named: under the other
+        // producers' load any pause makes it stale.
+        let wait = match &result {
+            Ok(_) => shape.producer_pause,
+            Err(_) if mismatch => Duration::ZERO,
+            Err(_) => Duration::from_millis(100),
+        };
         pause(&mut stop, wait).await;
     }
 }
