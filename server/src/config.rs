@@ -121,6 +121,9 @@ pub struct NodeConfig {
     pub producers_max: u64,
     /// WAL segment size.
     pub segment_bytes: u64,
+    /// A leader whose disk has not finished a write for this many milliseconds hands
+    /// leadership to a healthy voter (its disk holds up every acknowledgement); 0: never.
+    pub leader_disk_stall_ms: u64,
     /// Below this many free bytes on the data disk, appends are refused (RESOURCE_EXHAUSTED)
     /// while reads, follows and trims go on. At least two segments, so a trim always has room;
     /// 0 turns the check off (a full disk then stops the node).
@@ -163,6 +166,7 @@ impl NodeConfig {
             producers_max: 20_000,
             segment_bytes: 64 << 20,
             disk_free_min_bytes: 256 << 20,
+            leader_disk_stall_ms: 1000,
             durability: "sync".to_string(),
         }
     }

@@ -329,6 +329,7 @@ fn core_configs(cfg: &NodeConfig) -> (Config, CoreConfig) {
         read_context_start: seed >> 1,
         producers_max: cfg.producers_max as usize,
         writes_in_flight_max: shell::WRITES_IN_FLIGHT_MAX,
+        disk_stall_ms: cfg.leader_disk_stall_ms,
         planted: None,
     };
     (rc, core_config)

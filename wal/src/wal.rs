@@ -797,17 +797,18 @@ impl Wal {
         }
     }
 
-    /// Saves the hard state atomically and durably (two checksummed slots, alternating).
-    /// Panics if the term or commit index would go backwards, or a vote would change within a
-    /// term: each is a caller bug that would break Raft's safety.
+    /// Saves the hard state atomically and durably (two checksummed slots, alternating). The
+    /// commit index never goes back: a lower one than saved keeps the saved one (another thread
+    /// may have raised it with [`Wal::raise_commit`]). Panics if the term would go backwards or
+    /// a vote would change within a term: each is a caller bug that would break Raft's safety.
     pub fn save_hard_state(&self, hs: HardState) -> Result<()> {
         let mut meta = self.meta.lock();
         let old = meta.slot.hard_state;
+        let hs = HardState { commit: hs.commit.max(old.commit), ..hs };
         if hs == old {
             return self.check_poisoned();
         }
         assert!(hs.term >= old.term, "term regresses from {} to {}", old.term, hs.term);
-        assert!(hs.commit >= old.commit, "commit regresses from {} to {}", old.commit, hs.commit);
         assert!(
             hs.term > old.term || old.vote.is_none() || hs.vote == old.vote,
             "vote changes within term {}",
@@ -815,6 +816,19 @@ impl Wal {
         );
         let mut slot = meta.slot;
         slot.hard_state = hs;
+        self.write_meta(&mut meta, slot, false)
+    }
+
+    /// Saves a higher commit index with the saved term and vote, durably; a commit index at or
+    /// below the saved one changes nothing. For a caller that saves the commit index off the
+    /// thread that saves term and vote.
+    pub fn raise_commit(&self, commit: LogIndex) -> Result<()> {
+        let mut meta = self.meta.lock();
+        if commit <= meta.slot.hard_state.commit {
+            return self.check_poisoned();
+        }
+        let mut slot = meta.slot;
+        slot.hard_state.commit = commit;
         self.write_meta(&mut meta, slot, false)
     }
 

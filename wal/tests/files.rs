@@ -195,6 +195,27 @@ fn hard_state_truncation_and_compaction_persist() {
 }
 
 #[test]
+fn the_commit_index_raised_on_another_thread_never_goes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(dir.path(), opts()).expect("open");
+    append_range(&wal, 1..51, 100);
+    wal.save_hard_state(HardState { term: Term(2), vote: Some(NodeId(1)), commit: LogIndex(10) })
+        .expect("save");
+    // The syncer raises the commit index; term and vote stay.
+    wal.raise_commit(LogIndex(40)).expect("raise");
+    wal.raise_commit(LogIndex(30)).expect("a lower one changes nothing");
+    let raised = HardState { term: Term(2), vote: Some(NodeId(1)), commit: LogIndex(40) };
+    assert_eq!(wal.hard_state(), raised);
+    // A term change saved with an older commit index keeps the raised one.
+    wal.save_hard_state(HardState { term: Term(3), vote: None, commit: LogIndex(20) })
+        .expect("save");
+    let merged = HardState { term: Term(3), vote: None, commit: LogIndex(40) };
+    assert_eq!(wal.hard_state(), merged);
+    drop(wal);
+    assert_eq!(Wal::open(dir.path(), opts()).expect("reopen").hard_state(), merged);
+}
+
+#[test]
 fn damage_under_a_live_map_is_never_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Wal::open(dir.path(), opts()).expect("open");

@@ -37,7 +37,7 @@ fn main() {
     for seed in start..start + seeds {
         // Odd seeds run 3 nodes, even seeds 5, unless --nodes says.
         let n = nodes.unwrap_or(if seed % 2 == 1 { 3 } else { 5 });
-        let report = harness::run(harness::Options { seed, nodes: n, bug });
+        let report = harness::run(harness::Options { bug, ..harness::Options::new(seed, n) });
         steps += report.steps;
         acked += report.acked;
         if !report.violations.is_empty() {

@@ -180,8 +180,12 @@ pub enum Action {
     /// Make every queued write durable now, before the next action (the queue of writes in
     /// flight is at its bound), then feed back [`Input::Persisted`] with `through`.
     Flush { through: u64 },
-    /// Save the hard state durably before the next action.
+    /// Save the hard state durably before the next action (its term or vote changed).
     SaveHardState(HardState),
+    /// Save this commit index (with the saved term and vote) once the writes queued before it
+    /// are durable, without holding up the actions after it: Raft needs no durable commit
+    /// index, so a slow disk must not stall the core's other work on it.
+    SaveCommit(LogIndex),
     /// Move the log start durably, with the log-start file: first name both records, then
     /// change the WAL, then name only the new one (a crash anywhere leaves a record that
     /// matches the WAL's first index).
@@ -231,6 +235,9 @@ pub struct CoreConfig {
     pub producers_max: usize,
     /// The most Readies with writes in flight before the core asks for a [`Action::Flush`].
     pub writes_in_flight_max: usize,
+    /// A leader whose oldest write has not become durable for this many milliseconds hands
+    /// leadership to a healthy voter (0: never). Its own disk holds up every acknowledgement.
+    pub disk_stall_ms: u64,
     /// A known bug to plant, so the simulation can show its checker catches it. `None` in every
     /// real node; nothing outside the simulation sets it.
     #[doc(hidden)]
@@ -284,6 +291,8 @@ pub struct NodeCore {
     /// carried out the actions).
     first_index: LogIndex,
     ticks: u64,
+    /// The shell's clock at the last tick.
+    now_ms: u64,
     next_read_context: u64,
     /// The commit index saved when this core was made: entries up to it were applied before.
     committed_at_start: LogIndex,
@@ -318,6 +327,7 @@ impl NodeCore {
             term_start: LogIndex(0),
             first_index,
             ticks: 0,
+            now_ms: 0,
             committed_at_start: saved.commit,
             actions: VecDeque::new(),
         };
@@ -358,11 +368,13 @@ impl NodeCore {
                 }
                 self.raw.report_unreachable(to);
             }
-            Input::Tick { now_ms: _ } => {
+            Input::Tick { now_ms } => {
+                self.now_ms = now_ms;
                 self.raw.tick().map_err(fatal("tick"))?;
                 self.ticks += 1;
                 self.expire_reads();
                 self.save_commit();
+                self.hand_over_if_disk_stalled()?;
                 self.publish_status();
             }
         }
@@ -595,6 +607,45 @@ impl NodeCore {
                 let e = self.refusal(e)?;
                 self.reply(id, Err(e));
             }
+        }
+        Ok(())
+    }
+
+    /// A leader whose own disk has not finished a write for `disk_stall_ms` acknowledges
+    /// nothing meanwhile (entries are applied only once durable here too), though its followers
+    /// may be healthy and keep it in office with their heartbeat answers: a gray failure. It
+    /// hands leadership to the voter that answered recently with the highest match.
+    fn hand_over_if_disk_stalled(&mut self) -> Result<(), Fatal> {
+        let bound = self.config.disk_stall_ms;
+        if bound == 0 || self.role != Role::Leader {
+            return Ok(());
+        }
+        let Some(issued) = self.writes.oldest_pending_ms() else { return Ok(()) };
+        let stalled_ms = self.now_ms.saturating_sub(issued);
+        if stalled_ms < bound {
+            return Ok(());
+        }
+        let status = self.raw.status();
+        if status.transferee.is_some() {
+            return Ok(());
+        }
+        let me = self.config.id;
+        let healthy = status
+            .progress
+            .iter()
+            .filter(|(id, pr)| **id != me && pr.recent_active && status.membership.is_voter(**id));
+        let best = healthy.max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)));
+        let Some((&to, _)) = best else { return Ok(()) };
+        tracing::warn!(
+            stalled_ms,
+            to = %to,
+            "this leader's disk has not finished a write for {stalled_ms} ms: handing \
+             leadership to node {to}"
+        );
+        metrics::counter!("raftwal_server_leader_handovers_total", "reason" => "disk_stall")
+            .increment(1);
+        if let Err(e) = self.raw.transfer_leader(to) {
+            self.refusal(e)?;
         }
         Ok(())
     }

@@ -6,8 +6,9 @@
 //! The hard-state policy: term and vote are saved (fsynced) before anything that depends on
 //! them goes out, in the Ready's order. A commit-only change is not saved per Ready: Raft needs
 //! no durable commit index (a restarted node learns it again from the leader), so it rides on
-//! the next tick instead of a second fsync per append on every node. A saved commit index never
-//! runs ahead of the durable log, so a restart finds its commit index in the log.
+//! the next tick instead of a second fsync per append on every node, and it is saved off the
+//! driver ([`Action::SaveCommit`]), so a slow disk never stalls the core's ticks. A saved commit
+//! index never runs ahead of the durable log, so a restart finds its commit index in the log.
 
 use std::collections::VecDeque;
 
@@ -24,6 +25,8 @@ struct PendingWrite {
     last: LogIndex,
     advance_to: u64,
     messages: Vec<Message>,
+    /// The shell's clock when the write was asked for.
+    issued_ms: u64,
 }
 
 /// Writes in flight and the hard state, as the core has asked for them.
@@ -54,6 +57,11 @@ impl Writes {
             latest: saved,
             commit_unsaved: false,
         }
+    }
+
+    /// When the oldest write not yet durable was asked for.
+    pub fn oldest_pending_ms(&self) -> Option<u64> {
+        self.pending.front().map(|p| p.issued_ms)
     }
 }
 
@@ -155,6 +163,7 @@ impl NodeCore {
                     last,
                     advance_to: number,
                     messages: persisted,
+                    issued_ms: self.now_ms,
                 });
             }
         }
@@ -218,7 +227,8 @@ impl NodeCore {
         let hs = self.writes.latest;
         let commit = hs.commit.min(self.writes.durable_last);
         if hs.term == saved.term && hs.vote == saved.vote && commit > saved.commit {
-            self.save_hard_state(HardState { commit, ..hs });
+            self.writes.saved = HardState { commit, ..hs };
+            self.actions.push_back(Action::SaveCommit(commit));
         }
         self.writes.commit_unsaved = commit < hs.commit;
     }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use raftwal_consensus::{LogIndex, Message, MessageBody, NodeId, Status};
 use raftwal_transport::Transport;
-use raftwal_wal::{Ticket, Wal};
+use raftwal_wal::Wal;
 use tokio::sync::{oneshot, watch};
 
 use crate::core::{
@@ -218,8 +218,8 @@ struct Driver {
     /// Callers waiting for the outcome of their requests.
     callers: HashMap<RequestId, oneshot::Sender<Outcome>>,
     next_request: RequestId,
-    /// Hands (write number, last WAL ticket) to the syncer thread.
-    syncer: std::sync::mpsc::Sender<(u64, Ticket)>,
+    /// Hands writes to wait for, and commit indexes to save, to the syncer thread.
+    syncer: std::sync::mpsc::Sender<syncer::SyncJob>,
     completions: Receiver<Event>,
     /// The clock the core's ticks carry, from the driver's start.
     started: Instant,
@@ -376,13 +376,18 @@ impl Driver {
             Action::Truncate { from } => self.storage.truncate(from)?,
             Action::Write { number, entries } => {
                 let ticket = self.storage.submit(&entries)?;
-                self.syncer.send((number, ticket)).map_err(|_| DriverFailure::SyncerGone)?;
+                let job = syncer::SyncJob::Wait { number, ticket };
+                self.syncer.send(job).map_err(|_| DriverFailure::SyncerGone)?;
             }
             Action::Flush { through } => {
                 self.storage.flush()?;
                 self.core.handle(Input::Persisted { number: through })?;
             }
             Action::SaveHardState(hs) => self.storage.save_hard_state(hs)?,
+            Action::SaveCommit(commit) => {
+                let job = syncer::SyncJob::SaveCommit(commit);
+                self.syncer.send(job).map_err(|_| DriverFailure::SyncerGone)?;
+            }
             Action::MoveStart { old, new, change } => {
                 self.storage.move_start(&old, &new, change)?
             }

@@ -94,6 +94,11 @@ impl NodeStorage {
         self.wal.save_hard_state(hs).map_err(wal_err("hard state"))
     }
 
+    /// Saves a higher commit index durably, keeping the saved term and vote.
+    pub fn raise_commit(&self, commit: LogIndex) -> Result<(), StorageError> {
+        self.wal.raise_commit(commit).map_err(wal_err("commit index"))
+    }
+
     /// Moves the log start durably: the log-start file first names both starts, then the WAL
     /// changes, then the file names only the new one, so a crash anywhere leaves a record that
     /// matches the WAL's first index.
@@ -143,15 +148,37 @@ pub(crate) fn group_chunks<'a, 'e>(wal: &Wal, all: &'a [WalEntry<'e>]) -> Vec<&'
     out
 }
 
-/// Waits for queued WAL writes in order and tells the driver, which meanwhile goes on. The
-/// WAL's group commit lets this thread write and sync everything queued at once.
+/// What the syncer thread does for the driver, in the order asked.
+#[derive(Debug)]
+pub(super) enum SyncJob {
+    /// Wait until the write of `ticket` is durable, then report write `number` persisted.
+    Wait { number: u64, ticket: Ticket },
+    /// Save this commit index (after the writes asked for before it), reporting only failure.
+    SaveCommit(LogIndex),
+}
+
+/// Waits for queued WAL writes in order and tells the driver, which meanwhile goes on; saves
+/// the commit indexes the driver hands it. The WAL's group commit lets this thread write and
+/// sync everything queued at once.
 pub(super) fn run_syncer(
     storage: NodeStorage,
-    rx: Receiver<(u64, Ticket)>,
+    rx: Receiver<SyncJob>,
     completions: SyncSender<Event>,
     wake: SyncSender<Event>,
 ) {
-    while let Ok((number, ticket)) = rx.recv() {
+    while let Ok(job) = rx.recv() {
+        let (number, ticket) = match job {
+            SyncJob::Wait { number, ticket } => (number, ticket),
+            SyncJob::SaveCommit(commit) => {
+                if let Err(e) = storage.raise_commit(commit) {
+                    let _ = completions
+                        .send(Event::Persisted { number: 0, result: Err(e.to_string()) });
+                    let _ = wake.try_send(Event::Wake);
+                    return;
+                }
+                continue;
+            }
+        };
         let result = storage.wait(ticket).map_err(|e| e.to_string());
         let failed = result.is_err();
         // A blocking send on a channel of completions only, which the driver drains on every

@@ -38,6 +38,8 @@ const END_MS: u64 = 6_000;
 /// A request with no answer for this long has an unknown outcome.
 const REQUEST_TIMEOUT_MS: u64 = 400;
 const CLIENTS: u64 = 4;
+/// A leader whose disk finishes no write for this long hands leadership over.
+const DISK_STALL_MS: u64 = 300;
 
 /// What one run is.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +50,17 @@ pub struct Options {
     pub nodes: u64,
     /// A bug to plant in every node.
     pub bug: Option<PlantedBug>,
+    /// Random faults in the first part of the run (off: a scenario alone).
+    pub faults: bool,
+    /// Stall the leader's disk at this time for this long (ms): its writes do not complete.
+    pub stall_leader: Option<(u64, u64)>,
+}
+
+impl Options {
+    /// A run of `seed` on `nodes` nodes with random faults, no planted bug, no scenario.
+    pub fn new(seed: u64, nodes: u64) -> Options {
+        Options { seed, nodes, bug: None, faults: true, stall_leader: None }
+    }
 }
 
 /// What one run found.
@@ -61,6 +74,8 @@ pub struct RunReport {
     pub history: Vec<String>,
     /// Appends acknowledged.
     pub acked: u64,
+    /// When each acknowledged append was acknowledged (simulated ms), in order.
+    pub ack_ms: Vec<u64>,
 }
 
 /// A node's disk: its WAL's directory and its data directory (the log-start file), each a
@@ -88,6 +103,8 @@ struct SimNode {
     live: Option<Live>,
     down_until_ms: u64,
     incarnation: u64,
+    /// The disk finishes no write before this time (a stalled disk).
+    stalled_until_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +188,8 @@ struct Net {
 struct Sim {
     opts: Options,
     rng: SplitMix64,
+    /// Draws the disk stalls, apart from `rng`.
+    stall_rng: SplitMix64,
     now: u64,
     nodes: Vec<SimNode>,
     net: Net,
@@ -207,10 +226,15 @@ pub fn run(opts: Options) -> RunReport {
     let mut sim = Sim::new(opts);
     sim.run();
     sim.check();
-    let acked =
-        sim.ops.iter().filter(|o| matches!(o.result, Some(OpResult::Appended { .. }))).count()
-            as u64;
-    RunReport { steps: sim.steps, violations: sim.violations, history: sim.history, acked }
+    let mut ack_ms: Vec<u64> = sim
+        .ops
+        .iter()
+        .filter(|o| matches!(o.result, Some(OpResult::Appended { .. })))
+        .filter_map(|o| o.done_ms)
+        .collect();
+    ack_ms.sort_unstable();
+    let acked = ack_ms.len() as u64;
+    RunReport { steps: sim.steps, violations: sim.violations, history: sim.history, acked, ack_ms }
 }
 
 impl Sim {
@@ -226,7 +250,14 @@ impl Sim {
                         Wal::open_with(Arc::new(disk.fs.clone()), wal_options()).expect("wal");
                     bootstrap_if_new(&wal, &voters).expect("bootstrap");
                 }
-                SimNode { id: NodeId(id), disk, live: None, down_until_ms: 0, incarnation: 0 }
+                SimNode {
+                    id: NodeId(id),
+                    disk,
+                    live: None,
+                    down_until_ms: 0,
+                    incarnation: 0,
+                    stalled_until_ms: 0,
+                }
             })
             .collect();
         let clients = (0..CLIENTS)
@@ -254,6 +285,7 @@ impl Sim {
         let mut sim = Sim {
             opts,
             rng,
+            stall_rng: SplitMix64::new(opts.seed ^ 0x57a1_1ed0_d15c),
             now: 0,
             nodes,
             net,
@@ -314,6 +346,7 @@ impl Sim {
             read_context_start: seed >> 1,
             producers_max: 1000,
             writes_in_flight_max: 64,
+            disk_stall_ms: DISK_STALL_MS,
             planted: self.opts.bug,
         };
         match recover_core(wal.clone(), &node.disk.dir, raft, core_config) {
@@ -365,8 +398,16 @@ impl Sim {
     fn run(&mut self) {
         while self.now < END_MS {
             self.now += 1;
+            if let Some((at, for_ms)) = self.opts.stall_leader
+                && self.now == at
+                && let Some(i) = self.leader_index()
+            {
+                self.stall_disk(i, for_ms);
+            }
             if self.now < FAULTS_UNTIL_MS {
-                self.faults();
+                if self.opts.faults {
+                    self.faults();
+                }
             } else if self.now == FAULTS_UNTIL_MS {
                 self.heal();
             }
@@ -409,6 +450,14 @@ impl Sim {
             // A failed write (what a full disk or a bad block does to a running node): the WAL
             // is poisoned, the node stops and restarts from its disk.
             self.fail_disk("writes", 5, FaultStorage::fail_write_after);
+        }
+        // The leader's disk stalls now and then (a gray failure: the node lives, its writes do
+        // not finish). Its own generator, so the other faults of a seed stay what they were.
+        if self.stall_rng.below(2000) == 0
+            && let Some(i) = self.leader_index()
+        {
+            let for_ms = 100 + self.stall_rng.below(1400);
+            self.stall_disk(i, for_ms);
         }
         for i in 0..n {
             if self.nodes[i].live.is_none() && self.now >= self.nodes[i].down_until_ms {
@@ -479,11 +528,21 @@ impl Sim {
         for i in 0..self.nodes.len() {
             self.nodes[i].disk.fs.fail_sync_after(u64::MAX);
             self.nodes[i].disk.fs.fail_write_after(u64::MAX);
+            if self.opts.stall_leader.is_none() {
+                self.nodes[i].stalled_until_ms = 0;
+            }
             if self.nodes[i].live.is_none() {
                 self.boot(i);
             }
         }
         self.log("heal: every node up, the network whole, no more faults".into());
+    }
+
+    /// Node `i`'s disk finishes no write for `for_ms` (queued writes wait too).
+    fn stall_disk(&mut self, i: usize, for_ms: u64) {
+        self.nodes[i].stalled_until_ms = self.now + for_ms;
+        let line = format!("node {}'s disk stalls for {for_ms} ms", self.nodes[i].id);
+        self.log(line);
     }
 
     fn leader_index(&self) -> Option<usize> {
@@ -550,9 +609,10 @@ impl Sim {
         self.steps += 1;
         // The syncer: the oldest write completes once its fsync time has passed.
         loop {
+            let stalled = self.now < self.nodes[i].stalled_until_ms;
             let Some(live) = self.nodes[i].live.as_mut() else { return };
             let Some(&(number, ticket, due)) = live.syncs.front() else { break };
-            if due > self.now {
+            if due > self.now || stalled {
                 break;
             }
             live.syncs.pop_front();
@@ -605,7 +665,8 @@ impl Sim {
                 },
                 Action::Flush { through } => match live.storage.flush() {
                     Ok(()) => {
-                        // Everything queued is durable: its completions are due now.
+                        // Everything queued is durable: its completions are due now (or
+                        // when a stalled disk resumes; the real shell would wait here).
                         for s in live.syncs.iter_mut() {
                             if s.0 <= through {
                                 s.2 = self.now;
@@ -616,6 +677,7 @@ impl Sim {
                     Err(e) => Err(e),
                 },
                 Action::SaveHardState(hs) => live.storage.save_hard_state(hs),
+                Action::SaveCommit(commit) => live.storage.raise_commit(commit),
                 Action::MoveStart { old, new, change } => {
                     live.storage.move_start(&old, &new, change)
                 }
