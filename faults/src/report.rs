@@ -54,6 +54,8 @@ pub struct Report {
     /// Per producer (u0.. unary, a pipelined, e expected-offset, x raw): acknowledged,
     /// failed (not done), unknown appends.
     pub producers: BTreeMap<String, [usize; 3]>,
+    /// The most frequent errors of appends with an unknown outcome, with their counts.
+    pub unknown_errors: Vec<(String, usize)>,
     pub reads: usize,
     pub follow_records: usize,
     /// The longest window without an acknowledged append outside every fault window.
@@ -81,6 +83,7 @@ pub fn build(
     let mut acked_ops: Vec<(u64, u64)> = Vec::new();
     let (mut failed, mut unknown) = (0, 0);
     let mut producers: BTreeMap<String, [usize; 3]> = BTreeMap::new();
+    let mut unknown_errors: BTreeMap<String, usize> = BTreeMap::new();
     for op in &history.appends {
         let counts = producers.entry(op.process.clone()).or_default();
         match (&op.outcome, op.complete_us) {
@@ -93,9 +96,13 @@ pub fn build(
                 failed += 1;
                 counts[1] += 1;
             }
-            _ => {
+            (outcome, _) => {
                 unknown += 1;
                 counts[2] += 1;
+                if let AppendOutcome::Unknown { error } = outcome {
+                    let short: String = error.chars().take(160).collect();
+                    *unknown_errors.entry(format!("{}: {short}", op.process)).or_insert(0) += 1;
+                }
             }
         }
     }
@@ -201,6 +208,12 @@ pub fn build(
         appends_failed: failed,
         appends_unknown: unknown,
         producers,
+        unknown_errors: {
+            let mut v: Vec<(String, usize)> = unknown_errors.into_iter().collect();
+            v.sort_by_key(|e| std::cmp::Reverse(e.1));
+            v.truncate(5);
+            v
+        },
         reads: history.reads.iter().filter(|r| r.records.is_some()).count(),
         follow_records: history.follows.iter().map(|f| f.records.len()).sum(),
         unavailable_no_fault_s: secs(unavailable_no_fault),
@@ -247,6 +260,9 @@ impl Report {
         let per: Vec<String> =
             self.producers.iter().map(|(p, [a, f, u])| format!("{p} {a}/{f}/{u}")).collect();
         out.push_str(&format!("per producer (acked/failed/unknown): {}\n", per.join(", ")));
+        for (error, count) in &self.unknown_errors {
+            out.push_str(&format!("  unknown x{count}: {error}\n"));
+        }
         for s in &self.skipped {
             out.push_str(&format!("skipped: {s}\n"));
         }
