@@ -44,8 +44,9 @@ struct Args {
     /// Keep the run's directory (configs, node logs) even when nothing was found.
     #[arg(long)]
     keep: bool,
-    /// Size of each node's tmpfs in MiB (when root).
-    #[arg(long, default_value_t = 384)]
+    /// Size of each node's tmpfs in MiB (when root). Nodes refuse appends below
+    /// `disk_free_min_bytes` free (256 MiB by default), so keep it well above that plus the log.
+    #[arg(long, default_value_t = 1024)]
     tmpfs_mb: u64,
 }
 

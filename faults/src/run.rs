@@ -43,7 +43,7 @@ impl RunOptions {
             seed,
             raftwal_bin: None,
             keep: false,
-            tmpfs_mb: 384,
+            tmpfs_mb: 1024,
             shape: Shape {
                 producers: 3,
                 readers: 2,
