@@ -180,7 +180,12 @@ impl Api {
         req: proto::AppendRequest,
     ) -> Result<(oneshot::Receiver<Outcome>, InflightGuard), Status> {
         let bytes = self.check_append(&req)?;
-        if let Some(why) = crate::disk::refusal(&self.shared, self.limits.disk_free_min_bytes) {
+        // Only a leader refuses for its disk: a follower answers "not leader" (below), which
+        // sends the client to the leader, whose disk may have room.
+        let leads = self.shared.status.read().role == raftwal_consensus::Role::Leader;
+        if leads
+            && let Some(why) = crate::disk::refusal(&self.shared, self.limits.disk_free_min_bytes)
+        {
             metrics::counter!("raftwal_server_appends_refused_total", "reason" => "disk_low")
                 .increment(1);
             return Err(Status::resource_exhausted(why));

@@ -57,6 +57,7 @@ pub async fn watch_free_space(
                 shared.disk_free_bytes.store(free, Ordering::Relaxed);
                 gauge.set(free as f64);
                 let now_low = min_free > 0 && free < min_free;
+                shared.disk_low.store(now_low, Ordering::Relaxed);
                 if now_low && !low {
                     tracing::warn!(
                         free_mib = free >> 20,

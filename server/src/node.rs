@@ -271,6 +271,7 @@ fn new_shared(id: NodeId, wal: Arc<Wal>, status: raftwal_consensus::Status) -> S
         appends_inflight_bytes: AtomicU64::new(0),
         failure: watch::Sender::new(None),
         disk_free_bytes: AtomicU64::new(u64::MAX),
+        disk_low: std::sync::atomic::AtomicBool::new(false),
     }
 }
 

@@ -126,9 +126,68 @@ async fn a_full_disk_refuses_appends_serves_reads_and_recovers_after_a_trim() {
     c.stop_node(follower).await;
     let ballast = fill(&mounts.0[follower as usize - 1]);
     c.start_node(follower).await;
+    // It serves what it knows committed: once the leader has told it so again.
+    c.wait_applied(follower, last).await;
     let reader = c.client_of(follower).await;
     let got = reader.read(Offset(last), 1, 0).await.expect("a read on a full disk");
     assert_eq!(got.records[0].data[..], acked.last().expect("acked").1[..]);
+    std::fs::remove_file(ballast).expect("remove the ballast");
+    c.shutdown().await;
+}
+
+/// Writes ballast into `dir` until its filesystem has less than `left` bytes free.
+fn fill_until(dir: &Path, left: u64) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).expect("ballast");
+    let chunk = vec![0x5au8; 1 << 20];
+    while raftwal_server::disk::free_bytes(dir).expect("statvfs") >= left {
+        f.write_all(&chunk).expect("ballast write");
+        f.sync_all().expect("ballast sync");
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_disk_alone_is_low_hands_leadership_to_a_node_with_room() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut mounts = Mounts(Vec::new());
+    for id in 1..=3 {
+        let dir = root.path().join(format!("disk-{id}"));
+        if !mount_tmpfs(&dir) {
+            eprintln!("skipped: mounting a tmpfs needs root (this test runs as root in CI)");
+            return;
+        }
+        mounts.0.push(dir);
+    }
+    let disks: Vec<PathBuf> = mounts.0.clone();
+    let c = Cluster::start_with(3, 0, |_, cfg| {
+        cfg.data_dir = disks[cfg.id as usize - 1].join("data");
+        cfg.segment_bytes = SEGMENT_BYTES;
+        cfg.disk_free_min_bytes = MIN_FREE;
+    })
+    .await;
+    let leader = c.leader().await;
+    let client = impatient(&c).await;
+    client.append([b"before".to_vec()]).await.expect("append");
+
+    // Only the leader's disk runs low (something else filled it): it refuses appends, and
+    // hands leadership to a node whose disk has room, so appends go on.
+    let ballast = fill_until(&mounts.0[leader as usize - 1], MIN_FREE / 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut refused = 0;
+    loop {
+        match client.append([b"after".to_vec()]).await {
+            Ok(_) if c.leader().await != leader => break,
+            Ok(_) => {}
+            Err(ClientError::Overloaded { .. }) => refused += 1,
+            Err(e) => panic!("an append failed otherwise than by a low disk: {e}"),
+        }
+        assert!(Instant::now() < deadline, "node {leader} kept leadership on a low disk");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(c.leader().await, leader);
+    eprintln!("leadership moved off the low disk after {refused} refused appends");
     std::fs::remove_file(ballast).expect("remove the ballast");
     c.shutdown().await;
 }

@@ -155,6 +155,9 @@ pub enum Input {
     Unreachable { to: NodeId, log_start: bool },
     /// Time passed: one tick. `now_ms` is the shell's clock (simulated in the simulation).
     Tick { now_ms: u64 },
+    /// The data disk went under (or back over) its free-space watermark: appends are refused
+    /// here meanwhile, so a leader hands leadership to a voter that may have room.
+    DiskLow(bool),
 }
 
 /// How a log start moves.
@@ -271,6 +274,9 @@ impl std::str::FromStr for PlantedBug {
     }
 }
 
+/// A leader whose disk is low hands leadership over at most this often.
+const LOW_DISK_HANDOVER_EVERY_MS: u64 = 10_000;
+
 /// Read barriers that may wait for a quorum at once; beyond, overload.
 const READ_WAITERS_MAX: usize = 16_384;
 
@@ -293,6 +299,10 @@ pub struct NodeCore {
     ticks: u64,
     /// The shell's clock at the last tick.
     now_ms: u64,
+    /// The data disk is under its free-space watermark.
+    disk_low: bool,
+    /// When this node last handed leadership over for a low disk.
+    low_disk_handover_ms: Option<u64>,
     next_read_context: u64,
     /// The commit index saved when this core was made: entries up to it were applied before.
     committed_at_start: LogIndex,
@@ -328,6 +338,8 @@ impl NodeCore {
             first_index,
             ticks: 0,
             now_ms: 0,
+            disk_low: false,
+            low_disk_handover_ms: None,
             committed_at_start: saved.commit,
             actions: VecDeque::new(),
         };
@@ -374,9 +386,10 @@ impl NodeCore {
                 self.ticks += 1;
                 self.expire_reads();
                 self.save_commit();
-                self.hand_over_if_disk_stalled()?;
+                self.hand_over_if_unfit()?;
                 self.publish_status();
             }
+            Input::DiskLow(low) => self.disk_low = low,
         }
         Ok(())
     }
@@ -611,20 +624,33 @@ impl NodeCore {
         Ok(())
     }
 
-    /// A leader whose own disk has not finished a write for `disk_stall_ms` acknowledges
-    /// nothing meanwhile (entries are applied only once durable here too), though its followers
-    /// may be healthy and keep it in office with their heartbeat answers: a gray failure. It
-    /// hands leadership to the voter that answered recently with the highest match.
-    fn hand_over_if_disk_stalled(&mut self) -> Result<(), Fatal> {
+    /// A leader that cannot take appends while a voter might hands leadership over.
+    ///
+    /// - Its own disk has not finished a write for `disk_stall_ms`: it acknowledges nothing
+    ///   meanwhile (entries are applied only once durable here too), though its followers may
+    ///   be healthy and keep it in office with their heartbeat answers: a gray failure.
+    /// - Its disk is under the free-space watermark, so it refuses appends. Another node's disk
+    ///   may have room (nodes do not tell each other); at most once per
+    ///   `LOW_DISK_HANDOVER_EVERY_MS`, so that when every disk is low, leadership does not churn.
+    ///
+    /// It hands leadership to the voter that answered recently with the highest match.
+    fn hand_over_if_unfit(&mut self) -> Result<(), Fatal> {
+        if self.role != Role::Leader {
+            return Ok(());
+        }
         let bound = self.config.disk_stall_ms;
-        if bound == 0 || self.role != Role::Leader {
-            return Ok(());
-        }
-        let Some(issued) = self.writes.oldest_pending_ms() else { return Ok(()) };
-        let stalled_ms = self.now_ms.saturating_sub(issued);
-        if stalled_ms < bound {
-            return Ok(());
-        }
+        let stalled_ms = self.writes.oldest_pending_ms().map(|t| self.now_ms.saturating_sub(t));
+        let reason = match stalled_ms {
+            Some(ms) if bound > 0 && ms >= bound => "disk_stall",
+            _ if self.disk_low
+                && self.low_disk_handover_ms.is_none_or(|t| {
+                    self.now_ms.saturating_sub(t) >= LOW_DISK_HANDOVER_EVERY_MS
+                }) =>
+            {
+                "disk_low"
+            }
+            _ => return Ok(()),
+        };
         let status = self.raw.status();
         if status.transferee.is_some() {
             return Ok(());
@@ -636,14 +662,23 @@ impl NodeCore {
             .filter(|(id, pr)| **id != me && pr.recent_active && status.membership.is_voter(**id));
         let best = healthy.max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)));
         let Some((&to, _)) = best else { return Ok(()) };
-        tracing::warn!(
-            stalled_ms,
-            to = %to,
-            "this leader's disk has not finished a write for {stalled_ms} ms: handing \
-             leadership to node {to}"
-        );
-        metrics::counter!("raftwal_server_leader_handovers_total", "reason" => "disk_stall")
-            .increment(1);
+        if reason == "disk_stall" {
+            let stalled_ms = stalled_ms.unwrap_or_default();
+            tracing::warn!(
+                stalled_ms,
+                to = %to,
+                "this leader's disk has not finished a write for {stalled_ms} ms: handing \
+                 leadership to node {to}"
+            );
+        } else {
+            self.low_disk_handover_ms = Some(self.now_ms);
+            tracing::warn!(
+                to = %to,
+                "this leader's disk is under its free-space watermark and refuses appends: \
+                 handing leadership to node {to}"
+            );
+        }
+        metrics::counter!("raftwal_server_leader_handovers_total", "reason" => reason).increment(1);
         if let Err(e) = self.raw.transfer_leader(to) {
             self.refusal(e)?;
         }

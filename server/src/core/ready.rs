@@ -180,6 +180,17 @@ impl NodeCore {
             metrics::gauge!("raftwal_server_is_leader")
                 .set(f64::from(u8::from(role == Role::Leader)));
         }
+        if self.role == Role::Leader && role != Role::Leader {
+            // A deposed leader may not hear for a long time (cut off) whether its entries
+            // committed: its callers learn now that the outcome is unknown, and retry elsewhere
+            // (a producer's retry with the same sequence is safe), instead of waiting out their
+            // own timeouts.
+            self.fail_all(&RequestError::Unknown(
+                "this node lost leadership before the outcome was known; a retry with the same \
+                 producer sequence is safe"
+                    .into(),
+            ));
+        }
         if role == Role::Leader && self.role != Role::Leader {
             // Its empty entry of the new term is the last one in the log now.
             self.term_start = self.raw.last_index();

@@ -76,6 +76,8 @@ pub struct Shared {
     pub failure: watch::Sender<Option<String>>,
     /// Free bytes on the data disk, as last measured (`u64::MAX` until then).
     pub disk_free_bytes: AtomicU64,
+    /// The data disk is under `disk_free_min_bytes`: appends are refused here.
+    pub disk_low: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -223,6 +225,8 @@ struct Driver {
     completions: Receiver<Event>,
     /// The clock the core's ticks carry, from the driver's start.
     started: Instant,
+    /// The disk state the core last heard of.
+    disk_low: bool,
 }
 
 /// Runs the driver until shutdown or a fatal error (a WAL failure, a consensus error that means
@@ -250,6 +254,7 @@ pub fn run(parts: DriverParts) -> (Result<(), DriverFailure>, Transport) {
         syncer,
         completions,
         started: Instant::now(),
+        disk_low: false,
     };
     let mut result = d.run_loop(&rx, tick);
     if result.is_ok() {
@@ -293,6 +298,11 @@ impl Driver {
             self.take_completions()?;
             let now = Instant::now();
             if now >= next_tick {
+                let low = self.shared.disk_low.load(std::sync::atomic::Ordering::Relaxed);
+                if low != self.disk_low {
+                    self.disk_low = low;
+                    self.core.handle(Input::DiskLow(low))?;
+                }
                 self.core.handle(Input::Tick { now_ms: self.now_ms() })?;
                 next_tick += tick;
                 if next_tick < now {
