@@ -40,6 +40,29 @@ fn mount_tmpfs(dir: &Path) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Three nodes, each with its data on a tmpfs of its own (in drop order: the nodes, the
+/// mounts, the directory); `None` (saying so) without root.
+async fn cluster_on_tmpfs() -> Option<(tempfile::TempDir, Mounts, Cluster)> {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut mounts = Mounts(Vec::new());
+    for id in 1..=3 {
+        let dir = root.path().join(format!("disk-{id}"));
+        if !mount_tmpfs(&dir) {
+            eprintln!("skipped: mounting a tmpfs needs root (this test runs as root in CI)");
+            return None;
+        }
+        mounts.0.push(dir);
+    }
+    let disks: Vec<PathBuf> = mounts.0.clone();
+    let c = Cluster::start_with(3, 0, |_, cfg| {
+        cfg.data_dir = disks[cfg.id as usize - 1].join("data");
+        cfg.segment_bytes = SEGMENT_BYTES;
+        cfg.disk_free_min_bytes = MIN_FREE;
+    })
+    .await;
+    Some((root, mounts, c))
+}
+
 /// A client that hears RESOURCE_EXHAUSTED at once instead of retrying through it.
 async fn impatient(c: &Cluster) -> Client {
     let endpoints: Vec<String> = c.nodes.keys().map(|&id| c.endpoint(id)).collect();
@@ -62,23 +85,7 @@ fn fill(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_refuses_appends_serves_reads_and_recovers_after_a_trim() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let mut mounts = Mounts(Vec::new());
-    for id in 1..=3 {
-        let dir = root.path().join(format!("disk-{id}"));
-        if !mount_tmpfs(&dir) {
-            eprintln!("skipped: mounting a tmpfs needs root (this test runs as root in CI)");
-            return;
-        }
-        mounts.0.push(dir);
-    }
-    let disks: Vec<PathBuf> = mounts.0.clone();
-    let mut c = Cluster::start_with(3, 0, |_, cfg| {
-        cfg.data_dir = disks[cfg.id as usize - 1].join("data");
-        cfg.segment_bytes = SEGMENT_BYTES;
-        cfg.disk_free_min_bytes = MIN_FREE;
-    })
-    .await;
+    let Some((_root, mounts, mut c)) = cluster_on_tmpfs().await else { return };
     c.leader().await;
     let client = impatient(&c).await;
 
@@ -150,23 +157,7 @@ fn fill_until(dir: &Path, left: u64) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_whose_disk_alone_is_low_hands_leadership_to_a_node_with_room() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let mut mounts = Mounts(Vec::new());
-    for id in 1..=3 {
-        let dir = root.path().join(format!("disk-{id}"));
-        if !mount_tmpfs(&dir) {
-            eprintln!("skipped: mounting a tmpfs needs root (this test runs as root in CI)");
-            return;
-        }
-        mounts.0.push(dir);
-    }
-    let disks: Vec<PathBuf> = mounts.0.clone();
-    let c = Cluster::start_with(3, 0, |_, cfg| {
-        cfg.data_dir = disks[cfg.id as usize - 1].join("data");
-        cfg.segment_bytes = SEGMENT_BYTES;
-        cfg.disk_free_min_bytes = MIN_FREE;
-    })
-    .await;
+    let Some((_root, mounts, c)) = cluster_on_tmpfs().await else { return };
     let leader = c.leader().await;
     let client = impatient(&c).await;
     client.append([b"before".to_vec()]).await.expect("append");
