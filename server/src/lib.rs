@@ -18,8 +18,8 @@
 pub mod api;
 pub mod config;
 pub mod conn_limit;
-pub mod disk;
 pub mod core;
+pub mod disk;
 pub mod envelope;
 pub mod http;
 pub mod identity;
