@@ -24,8 +24,9 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 
 /// Why an append is refused for lack of space, if it is.
 pub fn refusal(shared: &Shared, min_free: u64) -> Option<String> {
+    // The watcher decides (`disk_low`); the free bytes only go into the message.
     let free = shared.disk_free_bytes.load(Ordering::Relaxed);
-    (min_free > 0 && free < min_free).then(|| {
+    shared.disk_low.load(Ordering::Relaxed).then(|| {
         format!(
             "node {} has {} MiB free on its data disk, under disk_free_min_bytes ({} MiB): \
              appends are refused until space is freed (trim the log: `raftwal trim --before \

@@ -640,14 +640,14 @@ impl NodeCore {
         }
         let bound = self.config.disk_stall_ms;
         let stalled_ms = self.writes.oldest_pending_ms().map(|t| self.now_ms.saturating_sub(t));
-        let reason = match stalled_ms {
-            Some(ms) if bound > 0 && ms >= bound => "disk_stall",
+        let stalled = match stalled_ms {
+            Some(ms) if bound > 0 && ms >= bound => Some(ms),
             _ if self.disk_low
                 && self.low_disk_handover_ms.is_none_or(|t| {
                     self.now_ms.saturating_sub(t) >= LOW_DISK_HANDOVER_EVERY_MS
                 }) =>
             {
-                "disk_low"
+                None
             }
             _ => return Ok(()),
         };
@@ -662,14 +662,14 @@ impl NodeCore {
             .filter(|(id, pr)| **id != me && pr.recent_active && status.membership.is_voter(**id));
         let best = healthy.max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)));
         let Some((&to, _)) = best else { return Ok(()) };
-        if reason == "disk_stall" {
-            let stalled_ms = stalled_ms.unwrap_or_default();
+        let reason = if let Some(stalled_ms) = stalled {
             tracing::warn!(
                 stalled_ms,
                 to = %to,
                 "this leader's disk has not finished a write for {stalled_ms} ms: handing \
                  leadership to node {to}"
             );
+            "disk_stall"
         } else {
             self.low_disk_handover_ms = Some(self.now_ms);
             tracing::warn!(
@@ -677,7 +677,8 @@ impl NodeCore {
                 "this leader's disk is under its free-space watermark and refuses appends: \
                  handing leadership to node {to}"
             );
-        }
+            "disk_low"
+        };
         metrics::counter!("raftwal_server_leader_handovers_total", "reason" => reason).increment(1);
         if let Err(e) = self.raw.transfer_leader(to) {
             self.refusal(e)?;
