@@ -295,6 +295,16 @@ impl FaultStorage {
         }
     }
 
+    /// Cuts a file to `len` bytes, written and durable alike (a file shortened behind the
+    /// WAL's back).
+    pub fn truncate_file(&self, name: &str, len: u64) {
+        let mut fs = self.fs();
+        let id = fs.names[name];
+        let f = fs.files.get_mut(&id).expect("named file exists");
+        f.data.truncate(len as usize);
+        f.durable.truncate(len as usize);
+    }
+
     /// The current (written) bytes of a file.
     pub fn file_bytes(&self, name: &str) -> Option<Vec<u8>> {
         let fs = self.fs();

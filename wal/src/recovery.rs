@@ -51,6 +51,31 @@ pub struct RecoveryReport {
     pub removed: Vec<String>,
 }
 
+/// Damage that [`crate::Wal::open_salvaging`] cut the log at instead of refusing to open: the
+/// log keeps every entry before `kept_last + 1` and drops the rest, for the caller to fetch
+/// again from peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Salvage {
+    /// The damaged file.
+    pub segment: String,
+    /// Offset of the damage in it.
+    pub offset: u64,
+    /// What was found there.
+    pub reason: String,
+    /// The last index kept (`first_index - 1` when nothing is).
+    pub kept_last: LogIndex,
+    /// The highest (index, term) of any frame whose header still verifies at or after the
+    /// damage, in the damaged segment or any later one: how far this log reached before the
+    /// cut, as far as the disk still shows. `None` when no such frame is left.
+    pub seen_last: Option<(LogIndex, Term)>,
+    /// Segments dropped whole because they lie past the damage.
+    pub dropped: Vec<String>,
+}
+
+/// Called with the salvage before recovery deletes or cuts anything, so the caller can first
+/// make durable what it must remember about the dropped entries. An error stops the open.
+pub type SalvageHook<'a> = &'a mut dyn FnMut(&Salvage) -> std::io::Result<()>;
+
 pub(crate) struct Recovered {
     pub(crate) view: LogView,
     pub(crate) meta: MetaSlot,
@@ -61,6 +86,8 @@ pub(crate) struct Recovered {
     /// `header_crc` of the last entry (0 when unknown).
     pub(crate) last_crc: u32,
     pub(crate) report: RecoveryReport,
+    /// The damage the log was cut at, when salvaging.
+    pub(crate) salvage: Option<Salvage>,
 }
 
 fn corrupt(segment: &str, offset: u64, reason: impl Into<String>) -> Error {
@@ -215,6 +242,35 @@ fn later_group_after(bytes: &[u8], from: u64, damaged_index: LogIndex, salt: u32
     None
 }
 
+/// The highest (index, term) of any frame header that verifies at an aligned offset from
+/// `from` on. A header carries its own checksum, salted with this WAL's secret, so a match in
+/// damaged or stale bytes is as unlikely as a checksum collision.
+fn highest_frame(bytes: &[u8], from: u64, salt: u32) -> Option<(LogIndex, Term)> {
+    let mut best: Option<(LogIndex, Term)> = None;
+    let mut pos = from as usize;
+    while pos + FRAME_HEADER_BYTES as usize <= bytes.len() {
+        let rest = &bytes[pos..];
+        if !all_zero(&rest[..FRAME_HEADER_BYTES as usize])
+            && let Some(h) = FrameHeader::decode(rest, salt)
+            && best.is_none_or(|(i, _)| h.index > i)
+        {
+            best = Some((h.index, h.term));
+        }
+        pos += FRAME_ALIGN as usize;
+    }
+    best
+}
+
+/// Where salvage cuts: the damage found first, in log order.
+struct Cut {
+    segment: String,
+    offset: u64,
+    reason: String,
+    /// Offset in the cut segment from which frames are no longer trusted, when the cut segment
+    /// stays (its frames before the damage are kept).
+    scan_from: Option<u64>,
+}
+
 struct Opened {
     id: u64,
     name: String,
@@ -222,8 +278,17 @@ struct Opened {
     map: Arc<dyn crate::storage::Mapping>,
 }
 
-/// Recovers the log in `storage`.
-pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
+/// Recovers the log in `storage`. With `salvage`, damage in a segment cuts the log just before
+/// it (see [`Salvage`]) instead of failing the open; damage to the hard state, or segments that
+/// disagree with it, fail it either way.
+pub(crate) fn recover(
+    storage: &dyn Storage,
+    mut salvage: Option<SalvageHook<'_>>,
+) -> Result<Recovered> {
+    let salvaging = salvage.is_some();
+    // The first damage in log order, and the segments past it.
+    let mut cut: Option<Cut> = None;
+    let mut dropped: Vec<Opened> = Vec::new();
     let names = storage.list().map_err(Error::io("list dir"))?;
     let mut removed = Vec::new();
     let mut seg_ids: Vec<(u64, String)> =
@@ -261,25 +326,43 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         )
         .is_some()
         {
-            return Err(corrupt(&last.name, 0, reason));
+            if !salvaging {
+                return Err(corrupt(&last.name, 0, reason));
+            }
+            let last = opened.pop().expect("checked non-empty");
+            cut = Some(Cut { segment: last.name.clone(), offset: 0, reason, scan_from: None });
+            dropped.push(last);
+        } else {
+            let last = opened.pop().expect("checked non-empty");
+            storage.remove(&last.name).map_err(Error::io("remove torn segment"))?;
+            storage.sync_dir().map_err(Error::io("sync dir"))?;
+            removed.push(last.name);
         }
-        let last = opened.pop().expect("checked non-empty");
-        storage.remove(&last.name).map_err(Error::io("remove torn segment"))?;
-        storage.sync_dir().map_err(Error::io("sync dir"))?;
-        removed.push(last.name);
     }
 
     // Decode every header up front. A segment wholly superseded by a later one (a later
     // segment starts at or below its first index) is obsolete whatever it holds: a truncation
     // removes several such segments and a crash may keep any subset of those removals.
     let mut headers = Vec::with_capacity(opened.len());
-    for seg in &opened {
-        let header =
-            SegmentHeader::decode(seg.map.bytes()).map_err(|r| corrupt(&seg.name, 0, r))?;
-        if header.segment_id != seg.id {
-            return Err(corrupt(&seg.name, 0, "segment header names another segment id"));
+    let mut bad_header = None;
+    for (i, seg) in opened.iter().enumerate() {
+        let reason = match SegmentHeader::decode(seg.map.bytes()) {
+            Ok(h) if h.segment_id == seg.id => {
+                headers.push(h);
+                continue;
+            }
+            Ok(_) => "segment header names another segment id".to_string(),
+            Err(r) => r,
+        };
+        if !salvaging {
+            return Err(corrupt(&seg.name, 0, reason));
         }
-        headers.push(header);
+        cut = Some(Cut { segment: seg.name.clone(), offset: 0, reason, scan_from: None });
+        bad_header = Some(i);
+        break;
+    }
+    if let Some(i) = bad_header {
+        dropped.extend(opened.drain(i..));
     }
     let mut obsolete: Vec<String> = Vec::new();
 
@@ -364,23 +447,34 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
     // index it hit: (segment, offset, index it hit, reason).
     let mut pending_damage: Option<(String, u64, LogIndex, String)> = None;
     let count = kept.len();
-    for (i, (seg, header)) in kept.into_iter().enumerate() {
+    let mut kept = kept.into_iter().enumerate();
+    while let Some((i, (seg, header))) = kept.next() {
         let is_last = i + 1 == count;
         let first = header.first_index;
         if let Some((name, offset, index, reason)) = pending_damage.take()
             && index < first
         {
-            return Err(corrupt(&name, offset, reason));
+            if !salvaging {
+                return Err(corrupt(&name, offset, reason));
+            }
+            // The damaged segment stays, holding the entries before the damage.
+            cut = Some(Cut { segment: name, offset, reason, scan_from: Some(offset) });
+            dropped.push(seg);
+            dropped.extend(kept.map(|(_, (seg, _))| seg));
+            break;
         }
         if !view.segments.is_empty() && first > view.last_index.next() {
-            return Err(corrupt(
-                &seg.name,
-                0,
-                format!(
-                    "segment starts at {first} but the log before it ends at {}",
-                    view.last_index
-                ),
-            ));
+            let reason = format!(
+                "segment starts at {first} but the log before it ends at {}",
+                view.last_index
+            );
+            if !salvaging {
+                return Err(corrupt(&seg.name, 0, reason));
+            }
+            cut = Some(Cut { segment: seg.name.clone(), offset: 0, reason, scan_from: None });
+            dropped.push(seg);
+            dropped.extend(kept.map(|(_, (seg, _))| seg));
+            break;
         }
         // Entries from `first` on in earlier segments are superseded by this one: this is how
         // a suffix truncation was made durable.
@@ -411,13 +505,20 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
             None => {}
             Some((offset, reason)) if is_last => {
                 if let Some(at) = later_group_after(seg.map.bytes(), offset, seg_end, meta.salt) {
-                    return Err(corrupt(
-                        &seg.name,
+                    let reason =
+                        format!("{reason}; a frame of a later write group follows at offset {at}");
+                    if !salvaging {
+                        return Err(corrupt(&seg.name, offset, reason));
+                    }
+                    cut = Some(Cut {
+                        segment: seg.name.clone(),
                         offset,
-                        format!("{reason}; a frame of a later write group follows at offset {at}"),
-                    ));
+                        reason,
+                        scan_from: Some(offset),
+                    });
+                } else {
+                    torn_tail = Some(TornTail { segment: seg.name.clone(), offset, reason });
                 }
-                torn_tail = Some(TornTail { segment: seg.name.clone(), offset, reason });
             }
             Some((offset, reason)) => {
                 pending_damage = Some((seg.name.clone(), offset, seg_end, reason));
@@ -464,6 +565,33 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         }
         Some(_) => {}
     }
+    // Salvage: say what is dropped before anything is deleted, so the caller can remember it.
+    let salvaged = match (cut, salvage.as_mut()) {
+        (None, _) => None,
+        (Some(cut), None) => return Err(corrupt(&cut.segment, cut.offset, cut.reason)),
+        (Some(cut), Some(hook)) => {
+            let in_cut = cut.scan_from.and_then(|from| {
+                let seg = view.segments.iter().find(|s| s.name == cut.segment)?;
+                highest_frame(seg.map.bytes(), from, meta.salt)
+            });
+            let seen_last = dropped
+                .iter()
+                .filter_map(|d| highest_frame(d.map.bytes(), SEGMENT_HEADER_BYTES, meta.salt))
+                .chain(in_cut)
+                .max_by_key(|&(index, _)| index);
+            let s = Salvage {
+                segment: cut.segment,
+                offset: cut.offset,
+                reason: cut.reason,
+                kept_last: view.last_index,
+                seen_last,
+                dropped: dropped.iter().map(|d| d.name.clone()).collect(),
+            };
+            hook(&s).map_err(Error::io("keep what salvage drops"))?;
+            obsolete.extend(dropped.drain(..).map(|d| d.name));
+            Some(s)
+        }
+    };
     // After a process crash (no power loss) the bytes read above may sit only in the page
     // cache: a hard-state save or a group whose sync never ran, a segment whose name was never
     // synced. Make everything recovery trusts durable before anyone acts on it; otherwise a
@@ -501,5 +629,14 @@ pub(crate) fn recover(storage: &dyn Storage) -> Result<Recovered> {
         segments: view.segments.len(),
         removed,
     };
-    Ok(Recovered { view, meta, meta_file, append_at, next_segment_id, last_crc, report })
+    Ok(Recovered {
+        view,
+        meta,
+        meta_file,
+        append_at,
+        next_segment_id,
+        last_crc,
+        report,
+        salvage: salvaged,
+    })
 }

@@ -26,7 +26,7 @@ use crate::format::{
 };
 use crate::metrics::WalMetrics;
 use crate::prepare::{Prepared, Preparer};
-use crate::recovery::{RecoveryReport, recover};
+use crate::recovery::{RecoveryReport, Salvage, recover};
 use crate::segment::{LogView, Record, SegmentIndex, segment_name};
 use crate::storage::{FsStorage, Storage, StorageFile};
 use crate::types::{Entry, HardState, LogIndex, Term};
@@ -221,6 +221,7 @@ pub struct Wal {
     view: RwLock<LogView>,
     meta: Mutex<MetaState>,
     report: RecoveryReport,
+    salvage: Option<Salvage>,
     metrics: WalMetrics,
     counters: Counters,
     /// Frame-checksum salt of this WAL (from the hard-state file).
@@ -257,12 +258,50 @@ impl Wal {
 
     /// Opens the WAL on any storage (tests use [`crate::fault::FaultStorage`]).
     pub fn open_with(storage: Arc<dyn Storage>, opts: Options) -> Result<Wal> {
+        Wal::open_inner(storage, opts, None)
+    }
+
+    /// Opens the WAL, cutting the log just before damage in a segment instead of refusing to
+    /// open: for a replica that can fetch the dropped entries again from its peers. `keep` sees
+    /// what is dropped (file, offset, the last index kept, how far the log reached) before
+    /// anything is deleted; an error from it fails the open with nothing changed. The saved
+    /// commit index is lowered to the last index kept. Damage to the hard state still fails the
+    /// open: it holds the term and vote, which no peer can give back. [`Wal::salvage`] tells
+    /// what was cut.
+    pub fn open_salvaging(
+        storage: Arc<dyn Storage>,
+        opts: Options,
+        keep: &mut dyn FnMut(&Salvage) -> std::io::Result<()>,
+    ) -> Result<Wal> {
+        let wal = Wal::open_inner(storage, opts, Some(keep))?;
+        let kept_last = wal.last_index();
+        if wal.salvage.is_some() {
+            let mut meta = wal.meta.lock();
+            if meta.slot.hard_state.commit > kept_last {
+                let mut slot = meta.slot;
+                slot.hard_state.commit = kept_last;
+                wal.write_meta(&mut meta, slot, true)?;
+            }
+        }
+        Ok(wal)
+    }
+
+    /// The damage this WAL's open cut the log at ([`Wal::open_salvaging`]).
+    pub fn salvage(&self) -> Option<&Salvage> {
+        self.salvage.as_ref()
+    }
+
+    fn open_inner(
+        storage: Arc<dyn Storage>,
+        opts: Options,
+        keep: Option<&mut dyn FnMut(&Salvage) -> std::io::Result<()>>,
+    ) -> Result<Wal> {
         opts.validate()?;
         let lock = storage
             .lock()
             .map_err(Error::io("lock dir"))?
             .ok_or_else(|| Error::Locked { dir: "<storage>".into() })?;
-        let rec = recover(storage.as_ref())?;
+        let rec = recover(storage.as_ref(), keep)?;
         let last = rec.view.segments.last();
         // The last segment takes more frames only if it ended cleanly and has the full
         // preallocated size (a crash may have lost the size change of a fresh segment).
@@ -304,6 +343,7 @@ impl Wal {
             view: RwLock::new(rec.view),
             meta: Mutex::new(MetaState { file: rec.meta_file, slot: rec.meta }),
             report: rec.report,
+            salvage: rec.salvage,
             metrics,
             counters: Counters::default(),
             salt: rec.meta.salt,
