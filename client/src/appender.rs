@@ -25,7 +25,6 @@ use crate::client::Producer;
 use crate::config::AppenderConfig;
 use crate::error::{ClientError, Verdict, classify, classify_stream_error, describe};
 use crate::proto;
-use crate::proto::log_client::LogClient;
 use crate::router::{Route, Target};
 use crate::types::{AppendOptions, Appended, Offset};
 
@@ -364,7 +363,7 @@ impl Driver {
         // No grpc-timeout: a deadline would bound the whole stream, not one append. Stalls
         // are caught by `deadline` instead.
         let request = tonic::Request::new(ReceiverStream::new(requests_rx));
-        let mut client = LogClient::new(self.target.channel.clone());
+        let mut client = crate::log_client(self.target.channel.clone());
         let call = client.append_stream(request);
         match tokio::time::timeout(self.shared.config.request_timeout, call).await {
             Ok(Ok(response)) => {

@@ -11,7 +11,6 @@ use crate::error::ClientError;
 use crate::follow::Follow;
 use crate::proto;
 use crate::proto::admin_client::AdminClient;
-use crate::proto::log_client::LogClient;
 use crate::router::Route;
 use crate::types::{AppendOptions, Appended, Membership, NodeId, Offset, ReadBatch, Record};
 
@@ -114,7 +113,7 @@ impl Client {
         let response = shared
             .call(Route::Leader, Effect::Mutating, |channel| {
                 let request = shared.request(request.clone());
-                async move { LogClient::new(channel).append(request).await }
+                async move { crate::log_client(channel).append(request).await }
             })
             .await?;
         drop(producer);
@@ -170,7 +169,7 @@ impl Client {
         let answer = shared
             .call(Route::Any, Effect::ReadOnly, |channel| {
                 let request = shared.request(request);
-                async move { LogClient::new(channel).read(request).await }
+                async move { crate::log_client(channel).read(request).await }
             })
             .await?;
         let endpoint = answer.endpoint;
@@ -216,7 +215,7 @@ impl Client {
         let response = shared
             .call(Route::Leader, Effect::ReadOnly, |channel| {
                 let request = shared.request(proto::StatusRequest {});
-                async move { LogClient::new(channel).status(request).await }
+                async move { crate::log_client(channel).status(request).await }
             })
             .await?;
         Ok(response.value.into_inner())

@@ -14,7 +14,6 @@ use crate::call::Shared;
 use crate::error::{ClientError, Verdict, classify, describe};
 use crate::proto;
 use crate::proto::follow_response::Event;
-use crate::proto::log_client::LogClient;
 use crate::router::{Route, Target};
 use crate::types::{FollowEvent, Offset, Record};
 
@@ -158,7 +157,7 @@ impl Follower {
         // No grpc-timeout: a deadline would end the (endless) stream; only its opening is
         // bounded, and keep-alive pings find a dead connection under an idle stream.
         let request = tonic::Request::new(proto::FollowRequest { from_offset: self.next.get() });
-        let mut client = LogClient::new(self.target.channel.clone());
+        let mut client = crate::log_client(self.target.channel.clone());
         let call = client.follow(request);
         let reason = match tokio::time::timeout(self.shared.config.request_timeout, call).await {
             Ok(Ok(response)) => {

@@ -59,6 +59,18 @@ mod follow;
 mod router;
 mod types;
 
+/// The largest response a node sends: a read page of up to 32 MiB of records with its framing.
+/// tonic's default of 4 MiB would refuse a default 4 MiB page of large records, or one 8 MiB
+/// record.
+const RESPONSE_BYTES_MAX: usize = 33 << 20;
+
+/// A client of the log service that accepts every response a node may send.
+pub(crate) fn log_client(
+    channel: tonic::transport::Channel,
+) -> proto::log_client::LogClient<tonic::transport::Channel> {
+    proto::log_client::LogClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
+
 pub use appender::{AppendTicket, Appender};
 pub use client::Client;
 pub use config::{APPENDER_WINDOW_MAX, AppenderConfig, ClientConfig, ClientTls};

@@ -33,6 +33,10 @@ struct Args {
     /// Print every event and delivered message.
     #[arg(long)]
     verbose: bool,
+    /// Plant a bug: damaged nodes restart without their repair floor (shows the checks catch
+    /// it).
+    #[arg(long)]
+    ignore_repair_floor: bool,
 }
 
 fn main() -> ExitCode {
@@ -40,15 +44,19 @@ fn main() -> ExitCode {
     let fixed_nodes: Option<u64> = args.nodes.as_deref().map(|n| n.parse().expect("3 or 5"));
     let started = Instant::now();
     let (mut steps, mut violations) = (0u64, 0u64);
+    let (mut damaged, mut stalls) = (0u64, 0u64);
     for seed in args.start..args.start.saturating_add(args.seeds) {
         let nodes = fixed_nodes.unwrap_or(if seed % 2 == 0 { 3 } else { 5 });
         let options = sim::Options {
             fault_steps: args.steps,
             verbose: args.verbose,
+            ignore_repair_floor: args.ignore_repair_floor,
             ..sim::Options::new(seed, nodes)
         };
         let report = sim::run(&options);
         steps += report.steps;
+        damaged += report.stats.damaged;
+        stalls += report.stats.only_copy_stalls;
         if args.verbose {
             println!("seed {seed}: {} steps, {:?}", report.steps, report.stats);
         }
@@ -59,6 +67,7 @@ fn main() -> ExitCode {
     }
     let wall_s = started.elapsed().as_secs_f64();
     println!("steps: {steps} wall: {wall_s:.2} s steps/s: {:.0}", steps as f64 / wall_s.max(1e-9));
+    println!("damaged restarts: {damaged} stalled on the only copy: {stalls}");
     println!("seeds: {} violations: {violations}", args.seeds);
     if violations > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

@@ -147,6 +147,12 @@ pub enum MessageBody {
     ReadIndex { context: u64 },
     /// The leader's answer to a forwarded read barrier.
     ReadIndexResp { context: u64, index: LogIndex },
+    /// A node whose log damage cut below its repair floor, knowing no leader, asks any member
+    /// for the entries after its last one, `(last_index, last_term)`. Changes no one's term.
+    RepairReq { last_index: LogIndex, last_term: Term },
+    /// The answer: entries of the sender's log after `(prev_index, prev_term)`, committed or
+    /// not. Changes no one's term.
+    RepairResp { prev_index: LogIndex, prev_term: Term, entries: Vec<Entry> },
 }
 
 /// Where a rejecting follower's log might match the leader's.
@@ -175,6 +181,8 @@ impl MessageBody {
             MessageBody::TimeoutNow => "TimeoutNow",
             MessageBody::ReadIndex { .. } => "ReadIndex",
             MessageBody::ReadIndexResp { .. } => "ReadIndexResp",
+            MessageBody::RepairReq { .. } => "RepairReq",
+            MessageBody::RepairResp { .. } => "RepairResp",
         }
     }
 
@@ -183,7 +191,10 @@ impl MessageBody {
     pub fn is_control(&self) -> bool {
         !matches!(
             self,
-            MessageBody::App { .. } | MessageBody::AppResp { .. } | MessageBody::InstallLog { .. }
+            MessageBody::App { .. }
+                | MessageBody::AppResp { .. }
+                | MessageBody::InstallLog { .. }
+                | MessageBody::RepairResp { .. }
         )
     }
 }
@@ -230,6 +241,12 @@ impl std::fmt::Display for Message {
             MessageBody::ReadIndex { context } => write!(f, " context={context}"),
             MessageBody::ReadIndexResp { context, index } => {
                 write!(f, " context={context} index={index}")
+            }
+            MessageBody::RepairReq { last_index, last_term } => {
+                write!(f, " last={last_term}/{last_index}")
+            }
+            MessageBody::RepairResp { prev_index, prev_term, entries } => {
+                write!(f, " prev={prev_term}/{prev_index} entries={entries:?}")
             }
         }
     }

@@ -124,6 +124,13 @@ impl Progress {
         if self.next.prev() != rejected {
             return false;
         }
+        if rejected <= self.matched {
+            // The follower no longer holds what it acknowledged: damage cut its log when it
+            // restarted (`Restored::repair_floor`), or this answers an older probe. Either way a
+            // lower match is only less optimistic: everything the old one could help commit
+            // is committed already, and the next answer raises it again.
+            self.matched = self.matched.min(hint);
+        }
         self.next = rejected.min(hint.next()).max(self.matched.next());
         self.probe_sent = false;
         true

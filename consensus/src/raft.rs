@@ -65,6 +65,9 @@ pub(crate) struct Raft<S> {
     reads: ReadOnly,
     /// Read barriers received before the leader committed an entry of its term.
     reads_waiting_for_commit: Vec<(Option<NodeId>, u64)>,
+    /// (term, index) that this node's log reached before damage cut it, while its log is less
+    /// up to date than that ([`crate::Restored::repair_floor`]).
+    pub(crate) repair_floor: Option<(Term, LogIndex)>,
     /// Messages that may be sent at once.
     pub(crate) msgs: Vec<Message>,
     /// Messages to send only once the Ready's hard state and entries are durable.
@@ -101,6 +104,7 @@ impl<S: LogStore> Raft<S> {
             uncommitted_bytes: 0,
             reads: ReadOnly::default(),
             reads_waiting_for_commit: Vec::new(),
+            repair_floor: None,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
@@ -114,6 +118,17 @@ impl<S: LogStore> Raft<S> {
     /// Whether this node may campaign: it is a voter (learners and removed nodes never are).
     pub(crate) fn promotable(&self) -> bool {
         self.membership.is_voter(self.id)
+    }
+
+    /// Whether the log is still less up to date than the repair floor; clears the floor once it
+    /// is not (from then on the log itself is what votes are judged by, as for any node).
+    pub(crate) fn repair_pending(&mut self) -> Result<bool, Error> {
+        let Some(floor) = self.repair_floor else { return Ok(false) };
+        if (self.log.last_term()?, self.log.last_index()) >= floor {
+            self.repair_floor = None;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     fn reset_timers(&mut self) {
@@ -205,6 +220,10 @@ impl<S: LogStore> Raft<S> {
             return self.tick_leader();
         }
         self.election_elapsed = self.election_elapsed.saturating_add(1);
+        if self.repair_floor.is_some() {
+            // Noticed here too, so that status shows a repair's end within a tick.
+            self.repair_pending()?;
+        }
         if self.promotable() && self.election_elapsed >= self.randomized_election_ticks {
             self.election_elapsed = 0;
             let kind = if self.cfg.pre_vote { Campaign::PreElection } else { Campaign::Election };
@@ -254,6 +273,14 @@ impl<S: LogStore> Raft<S> {
         if !self.promotable() || self.role == Role::Leader {
             return Ok(());
         }
+        if self.repair_pending()? {
+            // Damage cut entries this node may have helped commit; as a candidate it could win
+            // without them. A leader sends them again; with none in sight, ask every member
+            // for what follows our log (PAR's repair: any copy will do, it is only taken where it
+            // continues our log, and votes stay judged by the floor until the log reaches it).
+            self.request_repair(None)?;
+            return Ok(());
+        }
         if self.has_unapplied_conf_changes()? {
             // Votes are counted by the applied membership. Behind a committed change it may be
             // two changes behind the group, whose majorities need not overlap ours: two leaders
@@ -292,6 +319,81 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
+    /// Asks `to` (or every other member) for the entries after our last one.
+    fn request_repair(&mut self, to: Option<NodeId>) -> Result<(), Error> {
+        let last_index = self.log.last_index();
+        let last_term = self.log.last_term()?;
+        let targets: Vec<NodeId> = match to {
+            Some(id) => vec![id],
+            None => self.membership.members().into_iter().filter(|&id| id != self.id).collect(),
+        };
+        for id in targets {
+            self.send(id, self.term, MessageBody::RepairReq { last_index, last_term });
+        }
+        Ok(())
+    }
+
+    /// Answers a repair request with the entries of our log after the asker's last one, when
+    /// our log holds that entry too (else we cannot say what follows it).
+    fn handle_repair_request(
+        &mut self,
+        from: NodeId,
+        last_index: LogIndex,
+        last_term: Term,
+    ) -> Result<(), Error> {
+        let last = self.log.last_index();
+        if last_index >= last || !self.log.match_term(last_index, last_term)? {
+            return Ok(());
+        }
+        let next = last_index.next();
+        let end = last.next().min(LogIndex(next.0.saturating_add(self.cfg.msg_entries_max as u64)));
+        let entries = match self.log.entries(next..end, self.cfg.msg_bytes_max) {
+            Ok(entries) => entries,
+            Err(StoreError::Compacted { .. }) => return Ok(()),
+            Err(err) => return Err(err.into()),
+        };
+        let body =
+            MessageBody::RepairResp { prev_index: last_index, prev_term: last_term, entries };
+        self.send(from, self.term, body);
+        Ok(())
+    }
+
+    /// Takes a repair answer's entries when they continue our log exactly (never replacing an
+    /// entry we hold: one of ours may be committed), then asks the same member for more.
+    fn handle_repair_response(
+        &mut self,
+        from: NodeId,
+        prev_index: LogIndex,
+        prev_term: Term,
+        entries: &[Entry],
+    ) -> Result<(), Error> {
+        if entries.is_empty() || self.role == Role::Leader || !self.repair_pending()? {
+            return Ok(());
+        }
+        if prev_index != self.log.last_index() || self.log.last_term()? != prev_term {
+            return Ok(());
+        }
+        let top = entries.last().expect("checked non-empty").term;
+        if top > self.term {
+            // A node's log never runs ahead of its term: that term exists, so we are in it.
+            self.become_follower(top, None);
+        }
+        match self.log.maybe_append(prev_index, prev_term, entries) {
+            Ok(_) => {}
+            Err(AppendError::ConflictsWithCommitted) => return Ok(()),
+            Err(AppendError::Store(err)) => return Err(err.into()),
+        }
+        // Membership changes that another follows are committed (as at a restart): without
+        // this we would count votes with a membership two changes behind our log.
+        if let Some(floor) = self.log.committed_conf_change_floor(self.cfg.apply_bytes_max)? {
+            self.log.commit_to(floor);
+        }
+        if self.repair_pending()? {
+            self.request_repair(Some(from))?;
+        }
+        Ok(())
+    }
+
     /// Whether a membership change between the applied and the commit index is not applied yet.
     fn has_unapplied_conf_changes(&self) -> Result<bool, Error> {
         let end = self.log.committed.next();
@@ -319,7 +421,10 @@ impl<S: LogStore> Raft<S> {
         let can_vote = self.vote == Some(m.from)
             || (self.vote.is_none() && self.leader.is_none())
             || (pre && m.term > self.term);
-        let granted = can_vote && self.log.is_up_to_date(last_index, last_term)?;
+        // A repairing node judges the candidate by the log it had before the damage, too.
+        let above_floor = !self.repair_pending()?
+            || self.repair_floor.is_some_and(|floor| (last_term, last_index) >= floor);
+        let granted = can_vote && self.log.is_up_to_date(last_index, last_term)? && above_floor;
         if granted {
             if !pre {
                 self.election_elapsed = 0;
@@ -347,6 +452,16 @@ impl<S: LogStore> Raft<S> {
 
     pub(crate) fn step(&mut self, m: Message) -> Result<(), Error> {
         self.validate(&m)?;
+        // Repair traffic changes no one's term or leader: any member answers, whatever its role.
+        match m.body {
+            MessageBody::RepairReq { last_index, last_term } => {
+                return self.handle_repair_request(m.from, last_index, last_term);
+            }
+            MessageBody::RepairResp { prev_index, prev_term, entries } => {
+                return self.handle_repair_response(m.from, prev_index, prev_term, &entries);
+            }
+            _ => {}
+        }
         if m.term > self.term {
             if let MessageBody::PreVote { .. } | MessageBody::Vote { .. } = m.body {
                 let forced = matches!(m.body, MessageBody::Vote { transfer: true, .. });
@@ -430,13 +545,20 @@ impl<S: LogStore> Raft<S> {
                     implausible(start.first_index.0) || implausible(commit.0)
                 }
                 MessageBody::ReadIndexResp { index, .. } => implausible(index.0),
+                MessageBody::RepairReq { last_index, last_term } => {
+                    implausible(last_index.0) || implausible(last_term.0)
+                }
+                MessageBody::RepairResp { prev_index, prev_term, .. } => {
+                    implausible(prev_index.0) || implausible(prev_term.0)
+                }
                 _ => false,
             };
         if too_large {
             return invalid("a term or index is implausibly large");
         }
         match &m.body {
-            MessageBody::App { prev_index, prev_term, entries, .. } => {
+            MessageBody::App { prev_index, prev_term, entries, .. }
+            | MessageBody::RepairResp { prev_index, prev_term, entries } => {
                 if *prev_term > m.term {
                     return invalid("append's previous term is above the message term");
                 }

@@ -27,6 +27,13 @@ pub struct Restored {
     /// The last index whose committed entry the caller applied; entries after it up to the
     /// commit index are handed out again.
     pub applied: LogIndex,
+    /// Set when damage cut this node's log below what it once held: the (index, term) of the
+    /// last entry it held before (or an upper bound of it). Until the log is again at least as
+    /// up to date as that, the node neither campaigns nor grants a vote to a candidate whose log
+    /// is less up to date than it: entries it acknowledged may be committed with its help, and
+    /// a vote judged by the shorter log could elect a leader without them. The caller must keep
+    /// the floor durable until the log reaches it.
+    pub repair_floor: Option<(LogIndex, Term)>,
 }
 
 /// The leader and this node's role, reported when they change.
@@ -126,6 +133,9 @@ pub struct Status {
     pub progress: BTreeMap<NodeId, Progress>,
     /// The target of a leadership transfer in progress.
     pub transferee: Option<NodeId>,
+    /// The repair floor ([`Restored::repair_floor`]) while the log is still below it, as of
+    /// the last tick, vote or campaign.
+    pub repair_floor: Option<(LogIndex, Term)>,
 }
 
 /// The entries every founding member of a new group writes to its empty log before it starts:
@@ -177,7 +187,7 @@ impl<S: LogStore> RawNode<S> {
     /// A node restarting from what the caller persisted, over its persisted log.
     pub fn new(config: Config, restored: Restored, store: S) -> Result<RawNode<S>, Error> {
         config.validate()?;
-        let Restored { hard_state, mut membership, mut applied } = restored;
+        let Restored { hard_state, mut membership, mut applied, repair_floor } = restored;
         let first = store.first_index();
         let last = store.last_index();
         let start = store.start();
@@ -198,7 +208,9 @@ impl<S: LogStore> RawNode<S> {
         if let Some(floor) = log.committed_conf_change_floor(config.apply_bytes_max)? {
             log.commit_to(floor);
         }
-        let raft = Raft::new(config, hard_state.term, hard_state.vote, log, membership);
+        let mut raft = Raft::new(config, hard_state.term, hard_state.vote, log, membership);
+        raft.repair_floor = repair_floor.map(|(index, term)| (term, index));
+        raft.repair_pending()?;
         let prev_soft = SoftState { leader: None, role: Role::Follower };
         let prev_hard = HardState { term: hard_state.term, vote: hard_state.vote, commit };
         Ok(RawNode { raft, prev_soft, prev_hard, next_number: 1, unpersisted: VecDeque::new() })
@@ -375,7 +387,14 @@ impl<S: LogStore> RawNode<S> {
             membership: raft.membership.clone(),
             progress: raft.progress.clone(),
             transferee: raft.transferee,
+            repair_floor: raft.repair_floor.map(|(term, index)| (index, term)),
         }
+    }
+
+    /// The repair floor while the log is still below it ([`Restored::repair_floor`]), as of the
+    /// last tick, vote or campaign.
+    pub fn repair_floor(&self) -> Option<(LogIndex, Term)> {
+        self.raft.repair_floor.map(|(term, index)| (index, term))
     }
 
     /// The store, for reading.

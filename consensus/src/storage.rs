@@ -76,6 +76,13 @@ impl MemLog {
         self.entries.extend_from_slice(entries);
     }
 
+    /// Drops every entry from `from` on, as damage found at restart may (a test's stand-in for
+    /// a salvaged WAL).
+    pub fn truncate(&mut self, from: LogIndex) {
+        let keep = from.0.saturating_sub(self.start.first_index.0) as usize;
+        self.entries.truncate(keep);
+    }
+
     /// Discards the whole log and restarts it at `start` (a [`crate::Ready::log_start`]).
     pub fn restart(&mut self, start: LogStart) {
         self.entries.clear();

@@ -174,6 +174,7 @@ impl Cluster {
             hard_state: durable.hard_state,
             membership: durable.membership.clone(),
             applied: durable.applied,
+            repair_floor: None,
         };
         let raw = match RawNode::new(config.clone(), restored, durable.log.clone()) {
             Ok(raw) => Some(raw),

@@ -64,3 +64,19 @@ fn regression_seeds() {
         .collect();
     assert!(failures.is_empty(), "regression seeds failed:\n{}", failures.join("\n"));
 }
+
+/// The planted bug the damage faults exist to catch: a node whose log damage cut restarts
+/// without its repair floor, votes by its shorter log and elects leaders without entries that
+/// were committed with its help. The checks must see it.
+#[test]
+fn a_damaged_node_restarted_without_its_repair_floor_is_caught() {
+    let caught = (0..300)
+        .filter(|&seed| {
+            let nodes = if seed % 2 == 0 { 3 } else { 5 };
+            let options =
+                sim::Options { ignore_repair_floor: true, ..sim::Options::new(seed, nodes) };
+            sim::run(&options).violation.is_some()
+        })
+        .count();
+    assert!(caught > 0, "no seed caught a node voting by its cut log");
+}

@@ -417,10 +417,15 @@ impl Cluster {
         }
     }
 
+    /// What node `id` logged since its last start.
+    pub fn log_since_start(&self, id: u64) -> String {
+        let text = std::fs::read_to_string(&self.spec(id).log).unwrap_or_default();
+        text.rsplit("=== raftwal-faults: starting node").next().unwrap_or("").to_string()
+    }
+
     /// The last `lines` lines node `id` logged since its last start, joined by " | ".
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.spec(id).log).unwrap_or_default();
-        let since = text.rsplit("=== raftwal-faults: starting node").next().unwrap_or("");
+        let since = self.log_since_start(id);
         let all: Vec<&str> = since.lines().skip(1).filter(|l| !l.trim().is_empty()).collect();
         let tail = &all[all.len().saturating_sub(lines)..];
         tail.iter().map(|l| strip_ansi(l)).collect::<Vec<_>>().join(" | ")

@@ -121,6 +121,9 @@ impl FaultKind {
 
 /// How long a node may take to come back before the harness says it did not.
 const COME_BACK: Duration = Duration::from_secs(15);
+/// How long a node with a damaged log may take to start, repair itself from its peers and
+/// follow the leader again.
+const REPAIR_WITHIN: Duration = Duration::from_secs(20);
 
 /// Injects faults until told to stop.
 #[derive(Debug)]
@@ -416,11 +419,44 @@ impl Nemesis {
             }
         };
         event.detail = format!("kill -9 node {id}, {}, start it", damage.detail);
+        let started = std::time::Instant::now();
         if self.come_back(cluster, id, event).await {
-            event.notes.push(format!("node {id} came back with the damage"));
-            return Ok(());
+            let log = cluster.log_since_start(id);
+            let repairing =
+                log.contains("damage in the WAL") || log.contains("log-start file is damaged");
+            if !repairing {
+                event
+                    .notes
+                    .push(format!("node {id} came back with the damage (nothing to repair)"));
+                return Ok(());
+            }
+            // It must repair itself from its peers with no help: back at its floor and
+            // following the leader's commit.
+            let deadline = started + REPAIR_WITHIN;
+            loop {
+                let log = cluster.log_since_start(id);
+                let done = log.contains("repair from peers complete")
+                    || !log.contains("repairing from peers");
+                if done && self.catching_up(cluster, id).await {
+                    event.notes.push(format!(
+                        "node {id} repaired itself from peers in {:.2} s",
+                        started.elapsed().as_secs_f64()
+                    ));
+                    return Ok(());
+                }
+                if std::time::Instant::now() >= deadline {
+                    event.notes.push(format!(
+                        "NODE DID NOT REPAIR ITSELF within {REPAIR_WITHIN:?}; its log ends: {}",
+                        cluster.log_tail(id, 3)
+                    ));
+                    event.node_not_back = true;
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
-        // Today's node refuses damaged files: put the bytes back so the run can go on, and say so.
+        // A node that refuses its damaged files: put the bytes back so the run can go on, and
+        // say so.
         cluster.kill9(id).await;
         damage.undo()?;
         event.notes.push(format!("harness restored the damaged file of node {id}"));

@@ -103,15 +103,18 @@ async fn livez(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let (leader, commit) = {
+    let (leader, commit, repair_floor) = {
         let s = shared.status.read();
-        (s.leader, s.commit)
+        (s.leader, s.commit, s.repair_floor)
     };
     let readable = *shared.readable.borrow();
     if shared.failure.borrow().is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "failed\n".to_string())
     } else if leader.is_none() {
         (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".to_string())
+    } else if let Some((index, term)) = repair_floor {
+        let msg = format!("repairing from peers: the log must reach {term}/{index} again\n");
+        (StatusCode::SERVICE_UNAVAILABLE, msg)
     } else if readable.0 + 1 < commit.0 {
         (StatusCode::SERVICE_UNAVAILABLE, format!("catching up: applied {readable} of {commit}\n"))
     } else {
@@ -121,7 +124,9 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let s = status_response(&shared, 0);
+    let repair_floor = shared.status.read().repair_floor;
     Json(serde_json::json!({
+        "repairing_to": repair_floor.map(|(index, term)| serde_json::json!({"offset": index.0, "term": term.0})),
         "node_id": s.node_id,
         "role": s.role,
         "term": s.term,

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use parking_lot::RwLock;
-use raftwal_consensus::{Config, GroupId, LogIndex, NodeId, RawNode, Restored, bootstrap};
+use raftwal_consensus::{Config, GroupId, LogIndex, NodeId, RawNode, Restored, Term, bootstrap};
 use raftwal_transport::{Identity, PeerIdentity, Transport, TransportConfig};
 use raftwal_wal::storage::{FsStorage, Storage};
-use raftwal_wal::{Options as WalOptions, Wal};
+use raftwal_wal::{Options as WalOptions, Salvage, Wal};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
@@ -80,9 +80,14 @@ impl Node {
         let peers = cfg.parsed_peers()?;
         let (dir, me) = open_data_dir(&cfg)?;
         let book = Arc::new(KnownPeers::load(dir.clone())?);
-        let wal = open_wal(&cfg, &peers)?;
+        // With peers, damage is cut away and fetched again from them; a node alone holds the
+        // only copy and refuses to start on damage.
+        let repairable = !peers.is_empty() || cfg.join;
+        let wal = open_wal(&cfg, &peers, dir.as_ref(), repairable)?;
+        let floor = prepare_repair(&wal, dir.as_ref(), repairable)?;
         let (rc, core_config) = core_configs(&cfg);
-        let (core, start_addresses) = recover_core(wal.clone(), dir.as_ref(), rc, core_config)?;
+        let (core, start_addresses) =
+            recover_core(wal.clone(), dir.as_ref(), rc, core_config, floor)?;
 
         let mut tc = TransportConfig::new(id, cfg.peer_listen, identity);
         tc.me = me;
@@ -275,9 +280,15 @@ fn new_shared(id: NodeId, wal: Arc<Wal>, status: raftwal_consensus::Status) -> S
     }
 }
 
-/// Opens (recovering) the node's WAL, refusing on corruption, and writes the founding
-/// membership into a new one.
-fn open_wal(cfg: &NodeConfig, peers: &[crate::config::Peer]) -> anyhow::Result<Arc<Wal>> {
+/// Opens (recovering) the node's WAL and writes the founding membership into a new one. When
+/// `repairable`, damage in a segment cuts the log before it and the repair floor is made
+/// durable first (docs/reliability.md); otherwise damage refuses the start.
+fn open_wal(
+    cfg: &NodeConfig,
+    peers: &[crate::config::Peer],
+    dir: &dyn Storage,
+    repairable: bool,
+) -> anyhow::Result<Arc<Wal>> {
     let id = NodeId(cfg.id);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
@@ -291,15 +302,47 @@ fn open_wal(cfg: &NodeConfig, peers: &[crate::config::Peer]) -> anyhow::Result<A
         tracing::warn!("durability is unsafe-no-sync: a power loss can lose acknowledged appends");
     }
     let wal_dir = cfg.data_dir.join("wal");
-    let wal = Wal::open(&wal_dir, wal_opts).with_context(|| {
+    let storage = FsStorage::new(&wal_dir)
+        .with_context(|| format!("cannot open the WAL directory {}", wal_dir.display()))?;
+    let opened = if repairable {
+        Wal::open_salvaging(Arc::new(storage), wal_opts, &mut |s: &Salvage| {
+            let Some(seen) = s.seen_last else {
+                return Err(std::io::Error::other(
+                    "no frame after the damage still verifies, so how far this log reached \
+                     (which entries it may have acknowledged) is unknown",
+                ));
+            };
+            store::raise_repair_floor(dir, seen)
+        })
+    } else {
+        Wal::open_with(Arc::new(storage), wal_opts)
+    };
+    let wal = opened.with_context(|| {
+        let what = if repairable {
+            "remove this node from the cluster, empty its data directory and add it again"
+        } else {
+            "this node has no peers, so its log is the only copy: restore the data directory \
+             from a backup"
+        };
         format!(
-            "refusing to start: the WAL in {} could not be recovered (no data was changed; \
-             repair or restore it, or remove this node and re-add it empty)",
+            "refusing to start: the WAL in {} could not be recovered (no data was changed); {what}",
             wal_dir.display()
         )
     })?;
     if let Some(torn) = &wal.recovery().torn_tail {
         tracing::warn!(?torn, "recovery cut a torn tail (an unacknowledged write)");
+    }
+    if let Some(s) = wal.salvage() {
+        metrics::counter!("raftwal_server_repairs_started_total", "what" => "segment").increment(1);
+        tracing::error!(
+            segment = %s.segment,
+            offset = s.offset,
+            reason = %s.reason,
+            kept_last = %s.kept_last,
+            seen_last = ?s.seen_last,
+            dropped = ?s.dropped,
+            "damage in the WAL: the log is cut before it and the rest is fetched again from peers"
+        );
     }
     if !cfg.join {
         let mut voters: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
@@ -308,6 +351,63 @@ fn open_wal(cfg: &NodeConfig, peers: &[crate::config::Peer]) -> anyhow::Result<A
     }
     let wal = Arc::new(wal);
     Ok(wal)
+}
+
+/// Settles a repair from peers before the core starts, and returns the repair floor to start
+/// with. A damaged log-start file (the membership as of the log start) is repaired by
+/// discarding the whole log: the leader sends its log start again. A repair floor the log has
+/// reached is cleared. Without `repairable`, a damaged log-start file refuses the start.
+pub fn prepare_repair(
+    wal: &Wal,
+    dir: &dyn Storage,
+    repairable: bool,
+) -> anyhow::Result<Option<(LogIndex, Term)>> {
+    if let Err(e) = store::read_log_start(dir, wal.first_index()) {
+        if !repairable {
+            return Err(e.context(
+                "refusing to start: this node has no peers, so its log is the only copy: \
+                 restore the data directory from a backup",
+            ));
+        }
+        let last = wal.last_index();
+        let term = wal.term(last).unwrap_or(Term(0));
+        tracing::error!(
+            error = %format!("{e:#}"),
+            last = %last,
+            "the log-start file is damaged: discarding the log; the leader sends it again"
+        );
+        metrics::counter!("raftwal_server_repairs_started_total", "what" => "log_start")
+            .increment(1);
+        if last >= wal.first_index() {
+            store::raise_repair_floor(dir, (last, term))
+                .context("refusing to start: cannot save the repair floor")?;
+        }
+        wal.restart_at(LogIndex(1), Term(0))
+            .and_then(|()| wal.lower_commit_to_log())
+            .context("refusing to start: cannot discard the damaged log")?;
+        match dir.remove(store::LOG_START_FILE) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("refusing to start: cannot remove log-start"),
+        }
+        dir.sync_dir().context("refusing to start: cannot sync the data directory")?;
+    }
+    let Some((index, term)) = store::read_repair_floor(dir)? else { return Ok(None) };
+    let last = wal.last_index();
+    let last_term = wal.term(last).unwrap_or(Term(0));
+    if (last_term, last) >= (term, index) {
+        store::clear_repair_floor(dir).context("cannot remove the finished repair's floor")?;
+        tracing::info!(floor = %format!("{term}/{index}"), "a repair from peers had completed");
+        return Ok(None);
+    }
+    metrics::gauge!("raftwal_server_repair_pending").set(1.0);
+    tracing::warn!(
+        floor = %format!("{term}/{index}"),
+        last = %format!("{last_term}/{last}"),
+        "repairing from peers: this node neither campaigns nor votes for a log behind the floor \
+         until its own log reaches it"
+    );
+    Ok(Some((index, term)))
 }
 
 /// Consensus's and the core's settings from the node's config, with a fresh random seed.
@@ -361,6 +461,7 @@ pub fn recover_core(
     dir: &dyn Storage,
     raft: Config,
     core: CoreConfig,
+    repair_floor: Option<(LogIndex, Term)>,
 ) -> anyhow::Result<(NodeCore, Vec<Addresses>)> {
     let first = wal.first_index();
     let start = store::read_log_start(dir, first)?;
@@ -370,6 +471,7 @@ pub fn recover_core(
         hard_state: wal.hard_state(),
         membership: start_membership.clone(),
         applied: first.prev(),
+        repair_floor,
     };
     let raw = RawNode::new(raft, restored, WalStore::new(wal, start_membership.clone()))
         .context("refusing to start: the persisted state is inconsistent")?;

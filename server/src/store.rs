@@ -8,6 +8,8 @@
 //! ```text
 //! wal/         the raftwal-wal log and hard state
 //! log-start    the membership and addresses as of the WAL's first index - 1, checksummed
+//! repair-floor while a repair from peers is under way: how far the log reached before
+//!              damage cut it (index, term), checksummed
 //! ```
 //! Both go through the WAL's `Storage` trait, so a crash test on `FaultStorage` reaches them.
 
@@ -233,6 +235,55 @@ fn encode_log_start(records: &[StartRecord]) -> Vec<u8> {
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
     bytes
+}
+
+/// The file (in the node's data directory) that keeps the repair floor while a repair from
+/// peers is under way (docs/reliability.md).
+pub const REPAIR_FLOOR_FILE: &str = "repair-floor";
+
+/// Reads the repair floor: `None` when no repair is under way.
+pub fn read_repair_floor(dir: &dyn Storage) -> anyhow::Result<Option<(LogIndex, Term)>> {
+    let Some(bytes) = read_small_file(dir, REPAIR_FLOOR_FILE, 64)? else { return Ok(None) };
+    let damaged = |why: &str| {
+        anyhow::anyhow!(
+            "{REPAIR_FLOOR_FILE} is damaged ({why}): it holds how far this node's log reached \
+             before damage cut it, which the node must not forget; remove this node from the \
+             cluster, empty its data directory and add it again"
+        )
+    };
+    if bytes.len() != 20 {
+        return Err(damaged("wrong size"));
+    }
+    let (body, crc) = bytes.split_at(16);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err(damaged("checksum mismatch"));
+    }
+    let word = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+    Ok(Some((LogIndex(word(0)), Term(word(8)))))
+}
+
+/// Writes the repair floor atomically and durably, keeping the higher of it and one already
+/// written (two repairs before the first completed keep the further reach).
+pub fn raise_repair_floor(dir: &dyn Storage, floor: (LogIndex, Term)) -> std::io::Result<()> {
+    let old = read_repair_floor(dir).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let floor = match old {
+        Some((index, term)) if (term, index) >= (floor.1, floor.0) => (index, term),
+        _ => floor,
+    };
+    let mut bytes = floor.0.0.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&floor.1.0.to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    replace_file(dir, REPAIR_FLOOR_FILE, &bytes)
+}
+
+/// Removes the repair floor once the log is back at it (durably).
+pub fn clear_repair_floor(dir: &dyn Storage) -> std::io::Result<()> {
+    match dir.remove(REPAIR_FLOOR_FILE) {
+        Ok(()) => dir.sync_dir(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes the records atomically and durably (see [`replace_file`]).

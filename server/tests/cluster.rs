@@ -296,14 +296,19 @@ async fn a_follower_behind_the_trimmed_log_start_restarts_its_log_and_catches_up
     c.shutdown().await;
 }
 
+/// Damage in the first frame of a follower's only segment (valid frames follow: corruption,
+/// not a torn tail). The node used to refuse to start; now it cuts its whole log, keeps the
+/// damaged file as it was, and fetches everything again from its peers (tests/repair.rs has the
+/// sealed-segment and log-start cases).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_node_whose_wal_is_corrupt_refuses_to_start_and_changes_nothing() {
+async fn a_node_whose_wal_is_corrupt_from_its_first_frame_fetches_its_whole_log_again() {
     let mut c = Cluster::start(3, 0).await;
     c.leader().await;
     let client = c.client().await;
     for i in 0..20 {
         client.append([format!("r{i}")]).await.expect("append");
     }
+    let expected = read_all(&client).await;
     c.stop_node(2).await;
     let wal_dir = c.configs[&2].data_dir.join("wal");
     let mut segments: Vec<_> = std::fs::read_dir(&wal_dir)
@@ -314,16 +319,17 @@ async fn a_node_whose_wal_is_corrupt_refuses_to_start_and_changes_nothing() {
     segments.sort();
     let first = segments.first().expect("a segment").clone();
     let mut bytes = std::fs::read(&first).expect("read");
-    // Inside the payload of the first frame (64-byte segment header, 40-byte frame header):
-    // valid frames follow, so this is corruption, not a torn tail.
+    // Inside the payload of the first frame (64-byte segment header, 40-byte frame header).
     bytes[64 + 40 + 1] ^= 0x10;
     std::fs::write(&first, &bytes).expect("write");
-    let err = raftwal_server::Node::start(c.configs[&2].clone()).await.expect_err("must refuse");
-    let msg = format!("{err:#}");
-    assert!(msg.contains("refusing to start") && msg.contains("corrupt"), "{msg}");
-    assert_eq!(std::fs::read(&first).expect("read"), bytes, "nothing was changed on disk");
-    // The other two carry on.
-    client.append(["still"]).await.expect("a quorum remains");
+    c.start_node(2).await;
+    client.append(["after"]).await.expect("a quorum takes appends");
+    let last = client.append(["last"]).await.expect("append").last_offset.0;
+    c.wait_applied(2, last).await;
+    let got = read_all(&c.client_of(2).await).await;
+    assert_eq!(got[..expected.len()], expected[..], "node 2 holds the log again");
+    let damaged = std::fs::read(&first).expect("the damaged segment is kept");
+    assert_eq!(damaged[..bytes.len().min(4096)], bytes[..bytes.len().min(4096)]);
     c.shutdown().await;
 }
 
@@ -496,5 +502,22 @@ async fn a_node_that_lost_its_data_is_refused_until_removed_and_added_again_as_a
     assert!(got.contains(&(before.first_offset.0, b"before".to_vec())), "{got:?}");
     assert!(got.contains(&(during.first_offset.0, b"during".to_vec())), "{got:?}");
     assert!(c.nodes[&victim].shared.failure.borrow().is_none(), "the new learner runs");
+    c.shutdown().await;
+}
+
+/// A default read page holds up to 4 MiB of records; with its framing that is more than
+/// tonic's default 4 MiB message limit, which the client used to keep (reads of large records
+/// failed with "decoded message length too large").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_default_read_page_of_large_records_reaches_the_client() {
+    let c = Cluster::start(1, 0).await;
+    let client = c.client().await;
+    let records: Vec<Vec<u8>> = (0..80u8).map(|i| vec![i; 64 << 10]).collect();
+    let appended = client.append(records.clone()).await.expect("append");
+    let page = client.read(appended.first_offset, 1000, 0).await.expect("a full page");
+    assert!(page.records.len() >= 60, "about 4 MiB of records in one page");
+    for (r, want) in page.records.iter().zip(&records) {
+        assert_eq!(&r.data[..], &want[..]);
+    }
     c.shutdown().await;
 }

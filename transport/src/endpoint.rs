@@ -47,7 +47,7 @@ pub enum Lane {
     Control = 0,
     /// Appends and their answers: large, long-lived, in order.
     Replication = 1,
-    /// Log restarts for followers behind the leader's first index.
+    /// Log restarts for followers behind the leader's first index, and repair answers.
     CatchUp = 2,
 }
 
@@ -58,7 +58,7 @@ impl Lane {
     pub fn of(body: &MessageBody) -> Lane {
         match body {
             MessageBody::App { .. } | MessageBody::AppResp { .. } => Lane::Replication,
-            MessageBody::InstallLog { .. } => Lane::CatchUp,
+            MessageBody::InstallLog { .. } | MessageBody::RepairResp { .. } => Lane::CatchUp,
             _ => Lane::Control,
         }
     }

@@ -134,10 +134,24 @@ enum WireBody {
     TimeoutNow,
     ReadIndex { context: u64 },
     ReadIndexResp { context: u64, index: u64 },
+    RepairReq { last_index: u64, last_term: u64 },
+    RepairResp { prev_index: u64, prev_term: u64, entries: Vec<WireEntry> },
 }
 
 fn ids(set: &std::collections::BTreeSet<NodeId>) -> Vec<u64> {
     set.iter().map(|id| id.0).collect()
+}
+
+fn wire_entries(entries: &[Entry]) -> Vec<WireEntry> {
+    entries
+        .iter()
+        .map(|e| WireEntry {
+            term: e.term.0,
+            index: e.index.0,
+            kind: e.kind as u8,
+            len: u32::try_from(e.data.len()).expect("entries are far below 4 GiB"),
+        })
+        .collect()
 }
 
 fn to_wire(msg: &Message) -> WireMessage {
@@ -154,15 +168,7 @@ fn to_wire(msg: &Message) -> WireMessage {
             prev_index: prev_index.0,
             prev_term: prev_term.0,
             commit: commit.0,
-            entries: entries
-                .iter()
-                .map(|e| WireEntry {
-                    term: e.term.0,
-                    index: e.index.0,
-                    kind: e.kind as u8,
-                    len: u32::try_from(e.data.len()).expect("entries are far below 4 GiB"),
-                })
-                .collect(),
+            entries: wire_entries(entries),
         },
         MessageBody::AppResp { index, reject } => {
             WireBody::AppResp { index: index.0, reject: reject.map(|h| (h.index.0, h.term.0)) }
@@ -188,6 +194,14 @@ fn to_wire(msg: &Message) -> WireMessage {
         MessageBody::ReadIndexResp { context, index } => {
             WireBody::ReadIndexResp { context: *context, index: index.0 }
         }
+        MessageBody::RepairReq { last_index, last_term } => {
+            WireBody::RepairReq { last_index: last_index.0, last_term: last_term.0 }
+        }
+        MessageBody::RepairResp { prev_index, prev_term, entries } => WireBody::RepairResp {
+            prev_index: prev_index.0,
+            prev_term: prev_term.0,
+            entries: wire_entries(entries),
+        },
     };
     WireMessage { from: msg.from.0, to: msg.to.0, term: msg.term.0, body }
 }
@@ -195,7 +209,7 @@ fn to_wire(msg: &Message) -> WireMessage {
 /// The payloads a message carries beside its archive, in order.
 fn payloads(msg: &Message) -> &[Entry] {
     match &msg.body {
-        MessageBody::App { entries, .. } => entries,
+        MessageBody::App { entries, .. } | MessageBody::RepairResp { entries, .. } => entries,
         _ => &[],
     }
 }
@@ -311,6 +325,28 @@ fn bad(reason: &str) -> FrameError {
     FrameError::BadArchive { reason: reason.to_string() }
 }
 
+/// Entries from their archived heads, each taking its payload from the front of `payloads`.
+fn from_wire_entries(
+    entries: &rkyv::vec::ArchivedVec<ArchivedWireEntry>,
+    payloads: &mut Bytes,
+) -> Result<Vec<Entry>, FrameError> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries.iter() {
+        let len = e.len.to_native() as usize;
+        if len > payloads.len() {
+            return Err(bad("entry lengths exceed the payload bytes"));
+        }
+        let kind = EntryKind::from_u8(e.kind).ok_or_else(|| bad("unknown entry kind"))?;
+        out.push(Entry {
+            term: Term(e.term.to_native()),
+            index: LogIndex(e.index.to_native()),
+            kind,
+            data: payloads.split_to(len),
+        });
+    }
+    Ok(out)
+}
+
 fn from_wire(
     group: GroupId,
     w: &ArchivedWireMessage,
@@ -329,26 +365,20 @@ fn from_wire(
             transfer: *transfer,
         },
         ArchivedWireBody::VoteResp { reject } => MessageBody::VoteResp { reject: *reject },
-        ArchivedWireBody::App { prev_index, prev_term, commit, entries } => {
-            let mut out = Vec::with_capacity(entries.len());
-            for e in entries.iter() {
-                let len = e.len.to_native() as usize;
-                if len > payloads.len() {
-                    return Err(bad("entry lengths exceed the payload bytes"));
-                }
-                let kind = EntryKind::from_u8(e.kind).ok_or_else(|| bad("unknown entry kind"))?;
-                out.push(Entry {
-                    term: term(&e.term),
-                    index: idx(&e.index),
-                    kind,
-                    data: payloads.split_to(len),
-                });
-            }
-            MessageBody::App {
+        ArchivedWireBody::App { prev_index, prev_term, commit, entries } => MessageBody::App {
+            prev_index: idx(prev_index),
+            prev_term: term(prev_term),
+            entries: from_wire_entries(entries, &mut payloads)?,
+            commit: idx(commit),
+        },
+        ArchivedWireBody::RepairReq { last_index, last_term } => {
+            MessageBody::RepairReq { last_index: idx(last_index), last_term: term(last_term) }
+        }
+        ArchivedWireBody::RepairResp { prev_index, prev_term, entries } => {
+            MessageBody::RepairResp {
                 prev_index: idx(prev_index),
                 prev_term: term(prev_term),
-                entries: out,
-                commit: idx(commit),
+                entries: from_wire_entries(entries, &mut payloads)?,
             }
         }
         ArchivedWireBody::AppResp { index, reject } => MessageBody::AppResp {

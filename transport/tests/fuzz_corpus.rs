@@ -45,6 +45,12 @@ fn seeds() -> Vec<Vec<u8>> {
             commit: LogIndex(12),
         },
         MessageBody::ReadIndexResp { context: 9, index: LogIndex(3) },
+        MessageBody::RepairReq { last_index: LogIndex(5), last_term: Term(2) },
+        MessageBody::RepairResp {
+            prev_index: LogIndex(1),
+            prev_term: Term(1),
+            entries: vec![entry(2, 3), entry(3, 9)],
+        },
     ];
     bodies.into_iter().map(|b| encode(&support::msg(1, 2, b)).to_vec()).collect()
 }

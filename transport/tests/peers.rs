@@ -48,6 +48,17 @@ fn every_kind() -> Vec<MessageBody> {
         MessageBody::TimeoutNow,
         MessageBody::ReadIndex { context: 77 },
         MessageBody::ReadIndexResp { context: 77, index: LogIndex(12) },
+        MessageBody::RepairReq { last_index: LogIndex(40), last_term: Term(3) },
+        MessageBody::RepairResp {
+            prev_index: LogIndex(40),
+            prev_term: Term(3),
+            entries: vec![Entry {
+                term: Term(3),
+                index: LogIndex(41),
+                kind: EntryKind::Normal,
+                data: Bytes::from_static(b"repair"),
+            }],
+        },
     ]
 }
 

@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use format::{
     FORMAT_VERSION, FRAME_ALIGN, FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES, frame_bytes,
 };
-pub use recovery::{RecoveryReport, Salvage, TornTail};
+pub use recovery::{RecoveryReport, Salvage, SalvageHook, TornTail};
 pub use segment::Record;
 pub use types::{Entry, HardState, LogIndex, NodeId, Term};
 pub use wal::{Durability, Options, Ticket, Wal, WalStats};

@@ -26,7 +26,7 @@ use crate::format::{
 };
 use crate::metrics::WalMetrics;
 use crate::prepare::{Prepared, Preparer};
-use crate::recovery::{RecoveryReport, Salvage, recover};
+use crate::recovery::{RecoveryReport, Salvage, SalvageHook, recover};
 use crate::segment::{LogView, Record, SegmentIndex, segment_name};
 use crate::storage::{FsStorage, Storage, StorageFile};
 use crate::types::{Entry, HardState, LogIndex, Term};
@@ -271,17 +271,11 @@ impl Wal {
     pub fn open_salvaging(
         storage: Arc<dyn Storage>,
         opts: Options,
-        keep: &mut dyn FnMut(&Salvage) -> std::io::Result<()>,
+        keep: SalvageHook<'_>,
     ) -> Result<Wal> {
         let wal = Wal::open_inner(storage, opts, Some(keep))?;
-        let kept_last = wal.last_index();
         if wal.salvage.is_some() {
-            let mut meta = wal.meta.lock();
-            if meta.slot.hard_state.commit > kept_last {
-                let mut slot = meta.slot;
-                slot.hard_state.commit = kept_last;
-                wal.write_meta(&mut meta, slot, true)?;
-            }
+            wal.lower_commit_to_log()?;
         }
         Ok(wal)
     }
@@ -294,7 +288,7 @@ impl Wal {
     fn open_inner(
         storage: Arc<dyn Storage>,
         opts: Options,
-        keep: Option<&mut dyn FnMut(&Salvage) -> std::io::Result<()>>,
+        keep: Option<SalvageHook<'_>>,
     ) -> Result<Wal> {
         opts.validate()?;
         let lock = storage
@@ -870,6 +864,20 @@ impl Wal {
         let mut slot = meta.slot;
         slot.hard_state.commit = commit;
         self.write_meta(&mut meta, slot, false)
+    }
+
+    /// Lowers the saved commit index to the last index, durably, if it is above it: for a
+    /// caller that discarded entries it had counted committed (a repair from peers, which
+    /// fetches them again). Every other save only raises the commit index.
+    pub fn lower_commit_to_log(&self) -> Result<()> {
+        let last = self.last_index();
+        let mut meta = self.meta.lock();
+        if meta.slot.hard_state.commit <= last {
+            return self.check_poisoned();
+        }
+        let mut slot = meta.slot;
+        slot.hard_state.commit = last;
+        self.write_meta(&mut meta, slot, true)
     }
 
     /// The last saved hard state.

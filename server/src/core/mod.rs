@@ -306,6 +306,8 @@ pub struct NodeCore {
     next_read_context: u64,
     /// The commit index saved when this core was made: entries up to it were applied before.
     committed_at_start: LogIndex,
+    /// A repair from peers is under way (consensus has a repair floor).
+    repairing: bool,
     actions: VecDeque<Action>,
 }
 
@@ -341,8 +343,10 @@ impl NodeCore {
             disk_low: false,
             low_disk_handover_ms: None,
             committed_at_start: saved.commit,
+            repairing: false,
             actions: VecDeque::new(),
         };
+        core.repairing = core.raw.repair_floor().is_some();
         for a in core.members.addresses().values() {
             core.actions.push_back(Action::Reach(a.clone()));
         }
@@ -384,6 +388,7 @@ impl NodeCore {
                 self.now_ms = now_ms;
                 self.raw.tick().map_err(fatal("tick"))?;
                 self.ticks += 1;
+                self.note_repair();
                 self.expire_reads();
                 self.save_commit();
                 self.hand_over_if_unfit()?;
@@ -416,6 +421,20 @@ impl NodeCore {
 
     fn reply(&mut self, id: RequestId, outcome: Outcome) {
         self.actions.push_back(Action::Reply { id, outcome });
+    }
+
+    /// Says so once consensus's repair floor is reached: the log holds again everything this
+    /// node may have acknowledged before damage cut it. (The floor file is cleared at the next
+    /// start; until then it only repeats this check.)
+    fn note_repair(&mut self) {
+        if self.repairing && self.raw.repair_floor().is_none() {
+            self.repairing = false;
+            let last = self.raw.last_index();
+            tracing::info!(%last, "repair from peers complete: the log is back where it was");
+            metrics::gauge!("raftwal_server_repair_pending").set(0.0);
+            metrics::counter!("raftwal_server_repairs_completed_total").increment(1);
+            self.publish_status();
+        }
     }
 
     fn publish_status(&mut self) {

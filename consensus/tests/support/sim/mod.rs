@@ -71,12 +71,21 @@ pub struct Options {
     pub fault_steps: u64,
     /// Print every event and delivered message.
     pub verbose: bool,
+    /// A planted bug, to show the checks catch it: restart damaged nodes without their repair
+    /// floor, as a node that trusted its cut log would.
+    pub ignore_repair_floor: bool,
 }
 
 impl Options {
     /// A run with the default fault phase.
     pub fn new(seed: u64, nodes: u64) -> Options {
-        Options { seed, nodes, fault_steps: FAULT_STEPS_DEFAULT, verbose: false }
+        Options {
+            seed,
+            nodes,
+            fault_steps: FAULT_STEPS_DEFAULT,
+            verbose: false,
+            ignore_repair_floor: false,
+        }
     }
 
     /// The command that replays this run, printing every event.
@@ -103,6 +112,12 @@ pub struct Stats {
     pub conf_changes: u64,
     pub transfers: u64,
     pub compactions: u64,
+    /// Restarts with a log cut by damage.
+    pub damaged: u64,
+    /// Runs that ended without a leader because a damaged node's lost entries exist on no
+    /// other node: it may have acknowledged them, so it can vote for no one without them
+    /// (docs/reliability.md, "the only copy"). Not a violation; counted so it stays visible.
+    pub only_copy_stalls: u64,
     pub log_restarts: u64,
     pub leaders: u64,
     pub retired: u64,
@@ -311,6 +326,8 @@ struct Node {
     restart_at: Option<u64>,
     // Durable.
     durable_hs: HardState,
+    /// The (index, term) its log reached before damage cut it, until the log is back there.
+    repair_floor: Option<(LogIndex, Term)>,
     /// The apply record: the last applied index and the membership as of it.
     applied: LogIndex,
     membership: Membership,
@@ -365,6 +382,11 @@ struct Sim {
     /// own generator, so the draws of the main one stay what they were for every seed.
     commit_rng: Rng,
     lose_commit_ppm: u64,
+    /// In some runs a crash also damages the node's log: a suffix is cut, as a salvaged WAL
+    /// cuts it, and the node restarts with a repair floor. Its own generator, like
+    /// `commit_rng`.
+    damage_rng: Rng,
+    damage_ppm: u64,
     now: u64,
     liveness: bool,
     nodes: Vec<Node>,
@@ -406,12 +428,16 @@ impl Sim {
         let params = Params::draw(&mut rng);
         let mut commit_rng = Rng::new(opts.seed ^ 0xc0aa_17ed_u64.rotate_left(opts.nodes as u32));
         let lose_commit_ppm = if commit_rng.chance(500_000) { 500_000 } else { 0 };
+        let mut damage_rng = Rng::new(opts.seed ^ 0x0da3_a9e5_u64.rotate_left(opts.nodes as u32));
+        let damage_ppm = if damage_rng.chance(500_000) { 300_000 } else { 0 };
         let mut sim = Sim {
             opts,
             rng,
             params,
             commit_rng,
             lose_commit_ppm,
+            damage_rng,
+            damage_ppm,
             now: 0,
             liveness: false,
             nodes: Vec::new(),
@@ -452,6 +478,7 @@ impl Sim {
                 ever_member: false,
                 restart_at: None,
                 durable_hs: hard_state,
+                repair_floor: None,
                 applied: LogIndex(0),
                 membership: Membership::default(),
                 memberships: vec![(LogIndex(0), Membership::default())],
@@ -498,6 +525,13 @@ impl Sim {
             step += 1;
             if self.now == self.opts.fault_steps {
                 self.enter_liveness()?;
+            }
+            let stalled = (self.now == commit_deadline && self.live_acked.is_none())
+                || self.now >= commit_deadline + self.catch_up_steps;
+            if stalled && let Some(why) = self.only_copy_stall() {
+                self.stats.only_copy_stalls += 1;
+                self.trace(format_args!("stalled on the only copy: {why}"));
+                return Ok(());
             }
             if self.now == commit_deadline && self.live_acked.is_none() {
                 return Err(self.fail(format!(
@@ -565,6 +599,7 @@ impl Sim {
             hard_state: node.durable_hs,
             membership: node.membership.clone(),
             applied: node.applied,
+            repair_floor: if self.opts.ignore_repair_floor { None } else { node.repair_floor },
         };
         let raw = match RawNode::new(cfg, restored.clone(), log) {
             Ok(raw) => raw,
@@ -595,6 +630,10 @@ impl Sim {
         if self.commit_rng.chance(self.lose_commit_ppm) {
             self.lose_commit(i);
         }
+        self.settle_repair_floor(i);
+        if self.damage_rng.chance(self.damage_ppm) {
+            self.damage(i);
+        }
         let delay = self.rng.between(1, 80);
         let node = &mut self.nodes[i];
         node.restart_at = Some(self.now + delay);
@@ -613,17 +652,97 @@ impl Sim {
             return;
         }
         let to = LogIndex(self.commit_rng.between(floor.0, commit.0));
+        if self.commit_back_to(i, to) {
+            let id = self.nodes[i].id;
+            self.trace(format_args!("node {id} lost its commit index after {to}"));
+        }
+    }
+
+    /// Lowers node `i`'s durable commit index and applied state to at most `to`; false (and
+    /// nothing changed) when it has no applied membership to go back to.
+    fn commit_back_to(&mut self, i: usize, to: LogIndex) -> bool {
+        let node = &mut self.nodes[i];
         if to < node.applied {
             let Some(at) = node.memberships.iter().rposition(|(index, _)| *index <= to) else {
-                return;
+                return false;
             };
             node.memberships.truncate(at + 1);
             node.membership = node.memberships[at].1.clone();
             node.applied = to;
         }
         node.durable_hs.commit = node.durable_hs.commit.min(to);
+        true
+    }
+
+    /// Forgets node `i`'s repair floor once its durable log is back at it, as the node does
+    /// when it starts.
+    fn settle_repair_floor(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let (Some((index, term)), Some(log)) = (node.repair_floor, node.down_log.as_ref()) else {
+            return;
+        };
+        let last = log.last_index();
+        if log.term(last).is_ok_and(|t| (t, last) >= (term, index)) {
+            node.repair_floor = None;
+        }
+    }
+
+    /// Damage found at restart: node `i`'s durable log loses every entry from a random index
+    /// on (as a salvaged WAL cuts it), its commit index and applied state go back below the
+    /// cut, and it keeps the (index, term) its log reached as its repair floor.
+    fn damage(&mut self, i: usize) {
+        // One node at a time: damage on a majority before it is repaired may take the only
+        // copies of committed entries, which no protocol can give back.
+        let repairing = |n: &Node| match &n.raw {
+            Some(raw) => raw.status().repair_floor.is_some(),
+            None => n.repair_floor.is_some(),
+        };
+        if self.nodes.iter().enumerate().any(|(j, n)| j != i && repairing(n)) {
+            return;
+        }
+        let node = &self.nodes[i];
+        let log = node.down_log.as_ref().expect("a crashed node keeps its durable log");
+        let (first, last) = (log.first_index(), log.last_index());
+        if last < first {
+            return;
+        }
+        let Ok(last_term) = log.term(last) else { return };
+        let from = LogIndex(self.damage_rng.between(first.0, last.0));
+        if !self.commit_back_to(i, from.prev()) {
+            return;
+        }
+        let node = &mut self.nodes[i];
+        node.down_log.as_mut().expect("checked above").truncate(from);
+        let floor = match node.repair_floor {
+            Some((index, term)) if (term, index) > (last_term, last) => (index, term),
+            _ => (last, last_term),
+        };
+        node.repair_floor = Some(floor);
+        self.stats.damaged += 1;
         let id = node.id;
-        self.trace(format_args!("node {id} lost its commit index after {to}"));
+        self.trace(format_args!(
+            "node {id} restarts damaged: log cut from {from}, repair floor {floor:?}"
+        ));
+    }
+
+    /// A live node whose repair floor is above every other live node's log: the entries it
+    /// lost are nowhere else, and it must not vote for a log without them.
+    fn only_copy_stall(&self) -> Option<String> {
+        let last = |raw: &RawNode<MemLog>| {
+            let s = raw.status();
+            (raw.store().term(s.last_index).unwrap_or(Term(0)), s.last_index)
+        };
+        self.nodes.iter().filter(|n| !n.retired).find_map(|n| {
+            let raw = n.raw.as_ref()?;
+            let (index, term) = raw.status().repair_floor?;
+            let others_below = self
+                .nodes
+                .iter()
+                .filter(|o| o.id != n.id && !o.retired)
+                .filter_map(|o| o.raw.as_ref())
+                .all(|o| last(o) < (term, index));
+            others_below.then(|| format!("node {} floor {term}/{index}", n.id))
+        })
     }
 
     fn restarts(&mut self) -> Check {

@@ -349,7 +349,7 @@ impl Sim {
             disk_stall_ms: DISK_STALL_MS,
             planted: self.opts.bug,
         };
-        match recover_core(wal.clone(), &node.disk.dir, raft, core_config) {
+        match recover_core(wal.clone(), &node.disk.dir, raft, core_config, None) {
             Ok((core, _)) => {
                 let storage = NodeStorage::new(wal.clone(), Arc::new(node.disk.dir.clone()));
                 let readable = wal.first_index().prev();
