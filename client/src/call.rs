@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -12,7 +13,8 @@ use tonic::transport::Channel;
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Verdict, classify, describe};
-use crate::router::{Route, Router};
+use crate::proto;
+use crate::router::{Route, Router, Target};
 
 /// Whether a repeated attempt of a call can change the outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +32,23 @@ pub(crate) struct Shared {
     pub(crate) config: ClientConfig,
     pub(crate) router: Router,
     rng: Mutex<SmallRng>,
+    /// The last leader check: when, of which endpoint, and the leader it found elsewhere.
+    /// Calls stalled on one endpoint at once share it.
+    leader_check: Mutex<Option<(Instant, usize, Option<String>)>>,
 }
+
+/// A node's status, or `None` when it does not answer within `timeout`.
+async fn status_of(channel: Channel, timeout: Duration) -> Option<proto::StatusResponse> {
+    let mut request = tonic::Request::new(proto::StatusRequest {});
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, crate::log_client(channel).status(request)).await {
+        Ok(Ok(answer)) => Some(answer.into_inner()),
+        _ => None,
+    }
+}
+
+/// How long a leader check's answer is shared with other stalled calls.
+const LEADER_CHECK_SHARED: Duration = Duration::from_millis(100);
 
 impl Shared {
     pub(crate) fn new(config: ClientConfig) -> Result<Shared, ClientError> {
@@ -38,7 +56,7 @@ impl Shared {
         let rng = SmallRng::try_from_os_rng().map_err(|e| ClientError::Config {
             reason: format!("the operating system's random source failed: {e}"),
         })?;
-        Ok(Shared { config, router, rng: Mutex::new(rng) })
+        Ok(Shared { config, router, rng: Mutex::new(rng), leader_check: Mutex::new(None) })
     }
 
     /// A fresh random u64: producer ids and backoff seeds.
@@ -61,6 +79,62 @@ impl Shared {
         request
     }
 
+    /// Asks every node who leads, after the call to `target` went unanswered for a while.
+    /// Returns the client address of another node that says it leads, unless `target` answers
+    /// as the leader of a term at least as late (then it is only slow).
+    async fn leader_elsewhere(&self, target: &Target) -> Option<String> {
+        {
+            let cached = self.leader_check.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, index, found)) = &*cached
+                && *index == target.index
+                && at.elapsed() < LEADER_CHECK_SHARED
+            {
+                return found.clone();
+            }
+        }
+        let timeout = self.config.leader_check_after.max(Duration::from_millis(100));
+        let mut asked = tokio::task::JoinSet::new();
+        for other in self.router.others(target.index) {
+            asked.spawn(status_of(other.channel, timeout));
+        }
+        let theirs = async {
+            let mut out = Vec::new();
+            while let Some(answer) = asked.join_next().await {
+                out.extend(answer.ok().flatten());
+            }
+            out
+        };
+        let (mine, theirs) = tokio::join!(status_of(target.channel.clone(), timeout), theirs);
+        let leader = theirs
+            .into_iter()
+            .filter(|s| s.role == "leader" && !s.leader_addr.is_empty())
+            .max_by_key(|s| s.term);
+        let found = match (leader, mine) {
+            (None, _) => None,
+            (Some(l), Some(m)) if m.role == "leader" && m.term >= l.term => None,
+            (Some(l), _) => Some(l.leader_addr),
+        };
+        *self.leader_check.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), target.index, found.clone()));
+        found
+    }
+
+    /// Resolves when a leader check finds another node leading while `target` is silent;
+    /// never, on another route or with the check turned off.
+    async fn deposed(&self, route: Route, target: &Target) -> String {
+        let after = self.config.leader_check_after;
+        if route != Route::Leader || after.is_zero() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(after).await;
+        loop {
+            if let Some(addr) = self.leader_elsewhere(target).await {
+                return addr;
+            }
+            tokio::time::sleep(after / 2).await;
+        }
+    }
+
     /// Runs `attempt` until it succeeds, fails with a final error, or the retry budget is
     /// spent.
     pub(crate) async fn call<T, F, Fut>(
@@ -79,9 +153,28 @@ impl Shared {
         let attempts_max = self.config.retries_max.saturating_add(1);
         loop {
             state.attempts += 1;
-            let outcome =
-                tokio::time::timeout(self.config.request_timeout, attempt(target.channel.clone()))
-                    .await;
+            let call =
+                tokio::time::timeout(self.config.request_timeout, attempt(target.channel.clone()));
+            let outcome = tokio::select! {
+                outcome = call => outcome,
+                leader_addr = self.deposed(route, &target) => {
+                    // The attempt is dropped (cancelled) without an answer: it may still take
+                    // effect, as after a timeout.
+                    state.ambiguous = true;
+                    state.last = format!(
+                        "{}: no answer while {leader_addr} leads (abandoned after a leader check)",
+                        target.url
+                    );
+                    if state.attempts >= attempts_max {
+                        return Err(state.exhausted(effect));
+                    }
+                    if let Some(next) = self.router.redirect(route, &leader_addr) {
+                        target = next;
+                    }
+                    state.redirected = false;
+                    continue;
+                }
+            };
             let verdict = match outcome {
                 Ok(Ok(answer)) => {
                     self.router.confirm(route, target.index);

@@ -40,12 +40,19 @@ pub struct ClientConfig {
     /// The interval of HTTP/2 keep-alive pings, which detect a dead connection under an idle
     /// follow stream. A node that misses a ping for this long is taken as gone.
     pub keepalive_interval: Duration,
+    /// A call to the leader with no answer after this long makes the client ask the other
+    /// nodes who leads (every half of this again until the answer comes); when another node
+    /// leads and the silent one does not answer as leader of a later term, the attempt is
+    /// abandoned (its outcome unknown, as after a timeout) and the call follows the new
+    /// leader. A paused or cut-off leader then costs about an election, not `request_timeout`.
+    /// Zero turns it off.
+    pub leader_check_after: Duration,
 }
 
 impl ClientConfig {
     /// A configuration with these endpoints, plaintext, and the default timeouts:
     /// request 10 s, connect 3 s, backoff 20 ms doubling to 1 s, 10 retries (3 when
-    /// overloaded), keep-alive every 10 s.
+    /// overloaded), keep-alive every 10 s, leader check after 500 ms.
     pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> ClientConfig {
         ClientConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
@@ -57,6 +64,7 @@ impl ClientConfig {
             retries_max: 10,
             overloaded_retries_max: 3,
             keepalive_interval: Duration::from_secs(10),
+            leader_check_after: Duration::from_millis(500),
         }
     }
 

@@ -144,6 +144,12 @@ impl Router {
         Some(state.target(index))
     }
 
+    /// Every endpoint but `index`.
+    pub(crate) fn others(&self, index: usize) -> Vec<Target> {
+        let state = self.lock();
+        (0..state.slots.len()).filter(|&i| i != index).map(|i| state.target(i)).collect()
+    }
+
     /// The URL of the believed leader.
     pub(crate) fn leader_url(&self) -> String {
         let state = self.lock();

@@ -96,3 +96,56 @@ async fn admin_calls_and_status_follow_the_leader() {
         other => panic!("expected Other, got {other:?}"),
     }
 }
+
+/// A leader that stops answering anything (a paused process): the call does not wait out its
+/// request timeout. A leader check finds the node that leads now, the attempt is abandoned
+/// (its outcome unknown, as after a timeout) and the append, retried with its producer
+/// sequence, lands on the new leader.
+#[tokio::test]
+async fn a_paused_leader_is_left_for_the_new_one_long_before_the_request_timeout() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let log = FakeLog::new();
+    let old = serve(FakeNode::leader("old", &log)).await;
+    let new = serve(FakeNode::follower("new", &log, &old.addr.to_string())).await;
+    let mut cfg = config(&[old.url.clone(), new.url.clone()]);
+    cfg.request_timeout = Duration::from_secs(60);
+    cfg.leader_check_after = Duration::from_millis(100);
+    let client = Client::connect(cfg).await.expect("connect");
+    client.append(["before"]).await.expect("append to the old leader");
+
+    old.node.paused.store(true, Ordering::SeqCst);
+    *new.node.leader_addr.lock().expect("leader") = None;
+    new.node.term.store(2, Ordering::SeqCst);
+    let started = Instant::now();
+    let appended = tokio::time::timeout(Duration::from_secs(30), client.append(["after"]))
+        .await
+        .expect("not left waiting for the 60 s request timeout")
+        .expect("append");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(client.leader_endpoint(), new.url, "the client follows the new leader");
+    assert_eq!(appended.first_offset, Offset(2));
+    assert!(new.node.calls("status") > 0, "the new leader was asked who leads");
+}
+
+#[tokio::test]
+async fn a_slow_leader_that_still_answers_as_leader_is_not_abandoned() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let log = FakeLog::new();
+    let leader = serve(FakeNode::leader("leader", &log)).await;
+    // A deposed node that still believes it leads, in an older term.
+    let stale = serve(FakeNode::leader("stale", &log)).await;
+    stale.node.term.store(0, Ordering::SeqCst);
+    let mut cfg = config(&[leader.url.clone(), stale.url.clone()]);
+    cfg.leader_check_after = Duration::from_millis(50);
+    let client = Client::connect(cfg).await.expect("connect");
+    client.append(["first"]).await.expect("append");
+    // The leader commits, then is slow to answer (the answer never comes; a timeout later
+    // would retry with the same producer sequence).
+    leader.node.push_faults([common::Fault::CommitThenHang]);
+    let call = tokio::time::timeout(Duration::from_millis(600), client.append(["second"])).await;
+    assert!(call.is_err(), "still waiting on the leader, not redirected to the stale node");
+    assert_eq!(stale.node.calls("append"), 0, "nothing sent to a node of an older term");
+    assert!(leader.node.calls("status") > 0, "the leader was asked");
+}

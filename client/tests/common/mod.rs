@@ -224,6 +224,12 @@ pub struct FakeNode {
     pub stream_seen: AtomicUsize,
     pub max_in_flight: AtomicUsize,
     pub calls: Mutex<HashMap<&'static str, usize>>,
+    /// A stopped process (SIGSTOP): appends and status calls get no answer at all.
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Its own client address, which a leader names in its status (set by `serve`).
+    pub own_addr: Mutex<String>,
+    /// The term its status reports.
+    pub term: std::sync::atomic::AtomicU64,
 }
 
 impl FakeNode {
@@ -252,6 +258,9 @@ impl FakeNode {
             stream_seen: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             calls: Mutex::new(HashMap::new()),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            own_addr: Mutex::new(String::new()),
+            term: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -309,6 +318,7 @@ pub async fn serve(node: Arc<FakeNode>) -> Running {
 pub async fn serve_with(node: Arc<FakeNode>, tls: Option<ServerTlsConfig>) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("a bound address");
+    *node.own_addr.lock().expect("own addr") = addr.to_string();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut builder = Server::builder();
     if let Some(tls) = tls {
@@ -371,6 +381,9 @@ impl Log for FakeNode {
         request: Request<proto::AppendRequest>,
     ) -> Answer<proto::AppendResponse> {
         self.count("append");
+        if self.paused.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         let request = request.into_inner();
         self.see(&request);
         let fault = self.append_faults.lock().expect("faults").pop_front();
@@ -583,11 +596,16 @@ impl Log for FakeNode {
         _request: Request<proto::StatusRequest>,
     ) -> Answer<proto::StatusResponse> {
         self.count("status");
+        if self.paused.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         let log = lock(&self.log);
         let leader_addr = self.leader_addr.lock().expect("leader").clone();
+        let own = self.own_addr.lock().expect("own addr").clone();
         Ok(Response::new(proto::StatusResponse {
             role: if leader_addr.is_none() { "leader" } else { "follower" }.into(),
-            leader_addr: leader_addr.unwrap_or_default(),
+            term: self.term.load(Ordering::SeqCst),
+            leader_addr: leader_addr.unwrap_or(own),
             commit_offset: log.next_offset - 1,
             first_offset: log.first_offset,
             ..Default::default()
