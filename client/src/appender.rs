@@ -116,6 +116,7 @@ impl Appender {
             backoff: shared.backoff(),
             target: shared.router.target(Route::Leader),
             deadline: Instant::now(),
+            check_at: Instant::now(),
             shared,
             commands: commands_rx,
             commands_open: true,
@@ -230,6 +231,8 @@ enum Event {
     Command(Option<Command>),
     Answer(Result<Option<proto::AppendResponse>, tonic::Status>),
     Stalled,
+    /// Time for a leader check ([`crate::ClientConfig::leader_check_after`]).
+    Check,
 }
 
 /// The task behind an [`Appender`].
@@ -258,6 +261,8 @@ struct Driver {
     last: String,
     /// When the stream is taken as stalled if no answer has come.
     deadline: Instant,
+    /// When to ask the other nodes who leads if no answer has come.
+    check_at: Instant,
 }
 
 impl Driver {
@@ -273,6 +278,8 @@ impl Driver {
             let event = {
                 let stalled = self.conn.is_some() && !self.pending.is_empty();
                 let deadline = self.deadline;
+                let check_at = self.check_at;
+                let checking = stalled && !self.shared.config.leader_check_after.is_zero();
                 let conn = self.conn.as_mut();
                 tokio::select! {
                     command = self.commands.recv(), if self.commands_open => Event::Command(command),
@@ -283,6 +290,7 @@ impl Driver {
                         }
                     } => Event::Answer(answer),
                     () = tokio::time::sleep_until(deadline), if stalled => Event::Stalled,
+                    () = tokio::time::sleep_until(check_at), if checking => Event::Check,
                 }
             };
             match event {
@@ -298,6 +306,18 @@ impl Driver {
                     let last = format!("{}: {}", self.target.url, describe(&status));
                     self.on_failure(classify(status), last, None);
                 }
+                Event::Check => match self.shared.leader_elsewhere(&self.target).await {
+                    Some(addr) => {
+                        let last = format!(
+                            "{}: no answer while {addr} leads (abandoned after a leader check)",
+                            self.target.url
+                        );
+                        self.on_failure(Verdict::NotLeader { leader_addr: Some(addr) }, last, None);
+                    }
+                    None => {
+                        self.check_at = Instant::now() + self.shared.config.leader_check_after / 2;
+                    }
+                },
                 Event::Stalled => {
                     let last = format!(
                         "{}: no answer within request_timeout {:?}",
@@ -307,6 +327,14 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Something moved (a first append in the window, a new stream, an answer): the stall
+    /// deadline and the next leader check count from now.
+    fn progressed(&mut self) {
+        let now = Instant::now();
+        self.deadline = now + self.shared.config.request_timeout;
+        self.check_at = now + self.shared.config.leader_check_after;
     }
 
     /// Gives a new append its sequence and request id and writes it to the stream.
@@ -322,7 +350,7 @@ impl Driver {
         };
         self.next_request_id += 1;
         if self.pending.is_empty() {
-            self.deadline = Instant::now() + self.shared.config.request_timeout;
+            self.progressed();
         }
         let mut attempts = 0;
         if let Some(conn) = &self.conn {
@@ -368,7 +396,7 @@ impl Driver {
         match tokio::time::timeout(self.shared.config.request_timeout, call).await {
             Ok(Ok(response)) => {
                 self.conn = Some(Connection { requests, responses: response.into_inner() });
-                self.deadline = Instant::now() + self.shared.config.request_timeout;
+                self.progressed();
             }
             Ok(Err(status)) => {
                 let last = format!("{}: {}", self.target.url, describe(&status));
@@ -409,7 +437,7 @@ impl Driver {
         self.overloaded = 0;
         self.redirected = false;
         self.backoff.reset();
-        self.deadline = Instant::now() + self.shared.config.request_timeout;
+        self.progressed();
         let outcome = Appended::from_answer(&answer, pending.attempts);
         pending.answer(outcome);
     }

@@ -82,7 +82,7 @@ impl Shared {
     /// Asks every node who leads, after the call to `target` went unanswered for a while.
     /// Returns the client address of another node that says it leads, unless `target` answers
     /// as the leader of a term at least as late (then it is only slow).
-    async fn leader_elsewhere(&self, target: &Target) -> Option<String> {
+    pub(crate) async fn leader_elsewhere(&self, target: &Target) -> Option<String> {
         {
             let cached = self.leader_check.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((at, index, found)) = &*cached

@@ -129,3 +129,32 @@ async fn appender_reports_unavailable_when_no_node_answers_and_goes_on() {
     }
     assert_eq!(appender.in_flight(), 0);
 }
+
+/// The leader under a pipelined stream stops (a paused process): the appender asks the other
+/// nodes who leads, abandons the silent stream and resends its window there, instead of
+/// waiting out the request timeout.
+#[tokio::test]
+async fn appender_leaves_a_paused_leader_for_the_new_one() {
+    use std::time::Duration;
+    let log = FakeLog::new();
+    let old = serve(FakeNode::leader("old", &log)).await;
+    let new = serve(FakeNode::follower("new", &log, &old.addr.to_string())).await;
+    let mut cfg = config(&[old.url.clone(), new.url.clone()]);
+    cfg.request_timeout = Duration::from_secs(60);
+    cfg.leader_check_after = Duration::from_millis(100);
+    let client = Client::connect(cfg).await.expect("connect");
+    let appender = client.appender(AppenderConfig::default()).expect("appender");
+    appender.send(["before"]).await.expect("send").await.expect("appended");
+
+    old.node.paused.store(true, Ordering::SeqCst);
+    *new.node.leader_addr.lock().expect("leader") = None;
+    new.node.term.store(2, Ordering::SeqCst);
+    let after = appender.send(["after"]).await.expect("send");
+    let appended = tokio::time::timeout(Duration::from_secs(30), after)
+        .await
+        .expect("not left waiting for the 60 s request timeout")
+        .expect("appended");
+    assert_eq!(appended.first_offset.0, 2);
+    assert_eq!(new.node.calls("append_stream"), 1, "the window went to the new leader");
+    appender.close().await.expect("close");
+}

@@ -429,6 +429,10 @@ impl Log for FakeNode {
             let mut held: Vec<proto::AppendRequest> = Vec::new();
             let mut received = 0usize;
             while let Ok(Some(request)) = inbound.message().await {
+                if node.paused.load(Ordering::SeqCst) {
+                    // A stopped process reads nothing and answers nothing.
+                    std::future::pending::<()>().await;
+                }
                 node.see(&request);
                 received += 1;
                 let seen = node.stream_seen.fetch_add(1, Ordering::SeqCst) + 1;
