@@ -315,7 +315,7 @@ impl Driver {
                         self.on_failure(Verdict::NotLeader { leader_addr: Some(addr) }, last, None);
                     }
                     None => {
-                        self.check_at = Instant::now() + self.shared.config.leader_check_after / 2;
+                        self.check_at = Instant::now() + self.shared.leader_check_every();
                     }
                 },
                 Event::Stalled => {

@@ -40,8 +40,8 @@ pub struct ClientConfig {
     /// The interval of HTTP/2 keep-alive pings, which detect a dead connection under an idle
     /// follow stream. A node that misses a ping for this long is taken as gone.
     pub keepalive_interval: Duration,
-    /// A call to the leader with no answer after this long makes the client ask the other
-    /// nodes who leads (every half of this again until the answer comes); when another node
+    /// A call to the leader with no answer after this long makes the client ask the nodes who
+    /// leads (again every quarter of this, at least 50 ms, until the answer comes); when another node
     /// leads and the silent one does not answer as leader of a later term, the attempt is
     /// abandoned (its outcome unknown, as after a timeout) and the call follows the new
     /// leader. A paused or cut-off leader then costs about an election, not `request_timeout`.
