@@ -136,19 +136,12 @@ async fn appender_reports_unavailable_when_no_node_answers_and_goes_on() {
 #[tokio::test]
 async fn appender_leaves_a_paused_leader_for_the_new_one() {
     use std::time::Duration;
-    let log = FakeLog::new();
-    let old = serve(FakeNode::leader("old", &log)).await;
-    let new = serve(FakeNode::follower("new", &log, &old.addr.to_string())).await;
-    let mut cfg = config(&[old.url.clone(), new.url.clone()]);
-    cfg.request_timeout = Duration::from_secs(60);
-    cfg.leader_check_after = Duration::from_millis(100);
+    let (old, new, cfg) = common::leader_and_successor().await;
     let client = Client::connect(cfg).await.expect("connect");
     let appender = client.appender(AppenderConfig::default()).expect("appender");
     appender.send(["before"]).await.expect("send").await.expect("appended");
 
-    old.node.paused.store(true, Ordering::SeqCst);
-    *new.node.leader_addr.lock().expect("leader") = None;
-    new.node.term.store(2, Ordering::SeqCst);
+    common::pause_and_hand_over(&old, &new);
     let after = appender.send(["after"]).await.expect("send");
     let appended = tokio::time::timeout(Duration::from_secs(30), after)
         .await

@@ -103,20 +103,12 @@ async fn admin_calls_and_status_follow_the_leader() {
 /// sequence, lands on the new leader.
 #[tokio::test]
 async fn a_paused_leader_is_left_for_the_new_one_long_before_the_request_timeout() {
-    use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
-    let log = FakeLog::new();
-    let old = serve(FakeNode::leader("old", &log)).await;
-    let new = serve(FakeNode::follower("new", &log, &old.addr.to_string())).await;
-    let mut cfg = config(&[old.url.clone(), new.url.clone()]);
-    cfg.request_timeout = Duration::from_secs(60);
-    cfg.leader_check_after = Duration::from_millis(100);
+    let (old, new, cfg) = common::leader_and_successor().await;
     let client = Client::connect(cfg).await.expect("connect");
     client.append(["before"]).await.expect("append to the old leader");
 
-    old.node.paused.store(true, Ordering::SeqCst);
-    *new.node.leader_addr.lock().expect("leader") = None;
-    new.node.term.store(2, Ordering::SeqCst);
+    common::pause_and_hand_over(&old, &new);
     let started = Instant::now();
     let appended = tokio::time::timeout(Duration::from_secs(30), client.append(["after"]))
         .await

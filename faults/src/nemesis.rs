@@ -422,8 +422,12 @@ impl Nemesis {
         let started = std::time::Instant::now();
         if self.come_back(cluster, id, event).await {
             let log = cluster.log_since_start(id);
-            let repairing =
-                log.contains("damage in the WAL") || log.contains("log-start file is damaged");
+            // A tail cut below the saved commit index: the node follows at once but votes
+            // again only after the next election (its floor is "any later term").
+            let tail_cut = log.contains("ends below its saved commit index");
+            let repairing = tail_cut
+                || log.contains("damage in the WAL")
+                || log.contains("log-start file is damaged");
             if !repairing {
                 event
                     .notes
@@ -435,11 +439,18 @@ impl Nemesis {
             let deadline = started + REPAIR_WITHIN;
             loop {
                 let log = cluster.log_since_start(id);
-                let done = log.contains("repair from peers complete")
+                let done = tail_cut
+                    || log.contains("repair from peers complete")
                     || !log.contains("repairing from peers");
                 if done && self.catching_up(cluster, id).await {
+                    let what = if tail_cut {
+                        "follows again (a committed tail was cut; it votes again once a later \
+                         term's leader appends to it)"
+                    } else {
+                        "repaired itself from peers"
+                    };
                     event.notes.push(format!(
-                        "node {id} repaired itself from peers in {:.2} s",
+                        "node {id} {what} in {:.2} s",
                         started.elapsed().as_secs_f64()
                     ));
                     return Ok(());

@@ -329,7 +329,10 @@ fn open_wal(
             wal_dir.display()
         )
     })?;
-    if let Some(torn) = &wal.recovery().torn_tail {
+    if let Some(torn) = &wal.recovery().torn_tail
+        && wal.hard_state().commit <= wal.last_index()
+    {
+        // (Below the commit index it was no torn write: `check_commit_reached` says so.)
         tracing::warn!(?torn, "recovery cut a torn tail (an unacknowledged write)");
     }
     if let Some(s) = wal.salvage() {
@@ -344,6 +347,7 @@ fn open_wal(
             "damage in the WAL: the log is cut before it and the rest is fetched again from peers"
         );
     }
+    check_commit_reached(&wal, dir, repairable, &wal_dir)?;
     if !cfg.join {
         let mut voters: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
         voters.push(id);
@@ -351,6 +355,50 @@ fn open_wal(
     }
     let wal = Arc::new(wal);
     Ok(wal)
+}
+
+/// A log that ends below its saved commit index lost entries it had acknowledged: recovery cut
+/// a tail that was not torn by a crash but damaged after it was synced (the commit index is
+/// saved only for durable entries). A torn tail looks the same otherwise; this is the case the
+/// node's own hard state proves. With peers, it becomes a repair: how far the log reached is
+/// unknown, so the floor is "any entry of a later term" (the node votes again once a leader
+/// elected after the damage has appended to it). Without peers, it refuses.
+fn check_commit_reached(
+    wal: &Wal,
+    dir: &dyn Storage,
+    repairable: bool,
+    wal_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let (hs, last) = (wal.hard_state(), wal.last_index());
+    if hs.commit <= last {
+        return Ok(());
+    }
+    let damage = wal.recovery().torn_tail.as_ref().map_or_else(
+        || "no damage was reported".to_string(),
+        |t| format!("damage in {} at offset {}: {}", t.segment, t.offset, t.reason),
+    );
+    if !repairable {
+        anyhow::bail!(
+            "refusing to start: the WAL in {} ends at {last}, below its saved commit index {}: \
+             committed entries were lost ({damage}); this node has no peers, so its log was the \
+             only copy: restore the data directory from a backup",
+            wal_dir.display(),
+            hs.commit
+        );
+    }
+    metrics::counter!("raftwal_server_repairs_started_total", "what" => "committed_tail")
+        .increment(1);
+    tracing::error!(
+        last = %last,
+        commit = %hs.commit,
+        %damage,
+        "the log ends below its saved commit index: entries it acknowledged were lost; \
+         fetching them again from peers"
+    );
+    store::raise_repair_floor(dir, (LogIndex(u64::MAX), hs.term))
+        .context("refusing to start: cannot save the repair floor")?;
+    wal.lower_commit_to_log().context("refusing to start: cannot lower the commit index")?;
+    Ok(())
 }
 
 /// Settles a repair from peers before the core starts, and returns the repair floor to start

@@ -46,12 +46,18 @@ async fn append_mib(client: &raftwal_client::Client, n: usize, tag: u8) -> u64 {
     last
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_bit_flip_in_a_followers_sealed_segment_is_repaired_from_peers() {
-    let mut c = Cluster::start_with(3, 0, |_, cfg| cfg.segment_bytes = SEGMENT_BYTES).await;
+/// Three nodes with small segments, the leader, a follower to damage, and a client.
+async fn three_nodes_and_a_follower() -> (Cluster, u64, u64, raftwal_client::Client) {
+    let c = Cluster::start_with(3, 0, |_, cfg| cfg.segment_bytes = SEGMENT_BYTES).await;
     let leader = c.leader().await;
     let victim = (1..=3).find(|&id| id != leader).expect("a follower");
     let client = c.client().await;
+    (c, leader, victim, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bit_flip_in_a_followers_sealed_segment_is_repaired_from_peers() {
+    let (mut c, leader, victim, client) = three_nodes_and_a_follower().await;
     let before = append_mib(&client, 28, 1).await;
     c.wait_applied(victim, before).await;
     c.stop_node(victim).await;
@@ -120,10 +126,7 @@ async fn read_from(client: &raftwal_client::Client, from: Offset) -> Vec<(u64, V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_damaged_log_start_file_is_repaired_from_the_leader() {
-    let mut c = Cluster::start_with(3, 0, |_, cfg| cfg.segment_bytes = SEGMENT_BYTES).await;
-    let leader = c.leader().await;
-    let victim = (1..=3).find(|&id| id != leader).expect("a follower");
-    let client = c.client().await;
+    let (mut c, leader, victim, client) = three_nodes_and_a_follower().await;
     let mid = append_mib(&client, 20, 2).await;
     client.trim(Offset(mid - 100)).await.expect("trim");
     let last = append_mib(&client, 2, 3).await;
@@ -166,4 +169,52 @@ async fn damage_on_a_node_alone_refuses_naming_file_offset_and_remedy() {
     assert!(msg.contains("only copy") && msg.contains("backup"), "says what to do: {msg}");
     assert!(!c.configs[&1].data_dir.join("repair-floor").exists(), "nothing changed");
     assert!(segments(&c.configs[&1].data_dir) == segs, "no segment removed");
+}
+
+/// A follower's active segment cut short below its saved commit index: recovery sees a torn
+/// tail, but the node's own hard state proves those entries were committed (and acknowledged).
+/// It used to refuse to start ("the commit index is beyond the log"). Now it repairs: it
+/// follows and serves at once, and votes again once a leader elected after the damage has
+/// appended to it (how far its log reached is unknown, so nothing less proves it whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
+    let mut c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let victim = (1..=3).find(|&id| id != leader).expect("a follower");
+    let client = c.client().await;
+    let mut last = 0;
+    for i in 0..50u32 {
+        last = client.append(vec![vec![i as u8; 1000]; 10]).await.expect("append").last_offset.0;
+    }
+    c.wait_applied(victim, last).await;
+    c.stop_node(victim).await;
+    let data_dir = c.configs[&victim].data_dir.clone();
+    let seg = segments(&data_dir).pop().expect("the active segment");
+    let used = std::fs::read(&seg).expect("read").iter().rposition(|&b| b != 0).expect("frames");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .and_then(|f| f.set_len(used as u64 / 2))
+        .expect("truncate");
+
+    c.start_node(victim).await;
+    assert!(data_dir.join("repair-floor").exists(), "a repair floor is kept");
+    let last = client.append(["after"]).await.expect("append").last_offset.0;
+    c.wait_applied(victim, last).await;
+    let expected = read_all(&c.client_of(leader).await).await;
+    assert!(read_all(&c.client_of(victim).await).await == expected, "it serves the log again");
+    assert!(c.nodes[&victim].shared.status.read().repair_floor.is_some(), "no vote yet");
+
+    // A leader of a later term (not the victim: it may not campaign) appends to it.
+    let other = (1..=3).find(|&id| id != leader && id != victim).expect("a third node");
+    client.transfer_leader(raftwal_client::NodeId(other)).await.expect("transfer");
+    client.append(["later term"]).await.expect("append");
+    for _ in 0..500 {
+        if c.nodes[&victim].shared.status.read().repair_floor.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.nodes[&victim].shared.status.read().repair_floor, None, "repair completes");
+    c.shutdown().await;
 }

@@ -677,3 +677,22 @@ fn trimmed(first_offset: u64) -> Status {
         &[(TRAILER_FIRST_OFFSET, first_offset.to_string())],
     )
 }
+
+/// A leader and a follower of one log, and a client configuration naming both with a 60 s
+/// request timeout and leader checks after 100 ms: for tests of a leader that goes silent.
+pub async fn leader_and_successor() -> (Running, Running, ClientConfig) {
+    let log = FakeLog::new();
+    let old = serve(FakeNode::leader("old", &log)).await;
+    let new = serve(FakeNode::follower("new", &log, &old.addr.to_string())).await;
+    let mut cfg = config(&[old.url.clone(), new.url.clone()]);
+    cfg.request_timeout = Duration::from_secs(60);
+    cfg.leader_check_after = Duration::from_millis(100);
+    (old, new, cfg)
+}
+
+/// `old` stops (a paused process) and `new` leads, in a later term.
+pub fn pause_and_hand_over(old: &Running, new: &Running) {
+    old.node.paused.store(true, Ordering::SeqCst);
+    *new.node.leader_addr.lock().expect("leader") = None;
+    new.node.term.store(2, Ordering::SeqCst);
+}
