@@ -127,8 +127,9 @@ impl Progress {
         if rejected <= self.matched {
             // The follower no longer holds what it acknowledged: damage cut its log when it
             // restarted (`Restored::repair_floor`), or this answers an older probe. Either way a
-            // lower match is only less optimistic: everything the old one could help commit
-            // is committed already, and the next answer raises it again.
+            // lower match is only less optimistic (the commit index never goes back), and the
+            // next answer raises it again. (Until this rejection the leader may have counted
+            // the follower for entries it lost; its repair floor keeps elections safe then.)
             self.matched = self.matched.min(hint);
         }
         self.next = rejected.min(hint.next()).max(self.matched.next());

@@ -68,6 +68,12 @@ pub(crate) struct Raft<S> {
     /// (term, index) that this node's log reached before damage cut it, while its log is less
     /// up to date than that ([`crate::Restored::repair_floor`]).
     pub(crate) repair_floor: Option<(Term, LogIndex)>,
+    /// The first index of entries taken from a repair answer that no leader's append has
+    /// confirmed yet. A leader's heartbeat commits up to what it believes we match, which may
+    /// predate the damage: it must not commit these.
+    repair_unconfirmed: Option<LogIndex>,
+    /// Ticks while a repair is pending, to remind a leader once per election timeout.
+    repair_ticks: u32,
     /// Messages that may be sent at once.
     pub(crate) msgs: Vec<Message>,
     /// Messages to send only once the Ready's hard state and entries are durable.
@@ -105,6 +111,8 @@ impl<S: LogStore> Raft<S> {
             reads: ReadOnly::default(),
             reads_waiting_for_commit: Vec::new(),
             repair_floor: None,
+            repair_unconfirmed: None,
+            repair_ticks: 0,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
@@ -220,9 +228,15 @@ impl<S: LogStore> Raft<S> {
             return self.tick_leader();
         }
         self.election_elapsed = self.election_elapsed.saturating_add(1);
-        if self.repair_floor.is_some() {
-            // Noticed here too, so that status shows a repair's end within a tick.
-            self.repair_pending()?;
+        if self.repair_floor.is_some() && self.repair_pending()? {
+            // Remind a leader that we lost entries, once per election timeout: an idle leader
+            // whose record of our log predates the damage would otherwise send us nothing.
+            self.repair_ticks = self.repair_ticks.wrapping_add(1);
+            if let Some(leader) = self.leader
+                && self.repair_ticks.is_multiple_of(self.cfg.election_ticks.max(1))
+            {
+                self.request_repair(Some(leader))?;
+            }
         }
         if self.promotable() && self.election_elapsed >= self.randomized_election_ticks {
             self.election_elapsed = 0;
@@ -319,7 +333,8 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
-    /// Asks `to` (or every other member) for the entries after our last one.
+    /// Asks `to` (or every other member) for the entries after our last one. A leader that
+    /// gets the request learns that we lost entries it counted us as holding.
     fn request_repair(&mut self, to: Option<NodeId>) -> Result<(), Error> {
         let last_index = self.log.last_index();
         let last_term = self.log.last_term()?;
@@ -341,6 +356,21 @@ impl<S: LogStore> Raft<S> {
         last_index: LogIndex,
         last_term: Term,
     ) -> Result<(), Error> {
+        if self.role == Role::Leader
+            && let Some(pr) = self.progress.get_mut(&from)
+        {
+            // Our record of what it holds may predate its damage: start again from what it
+            // says it has (only lower is safe; what it matches is confirmed by the probe).
+            if pr.matched > last_index {
+                pr.matched = last_index;
+            }
+            pr.become_probe();
+            if pr.next > last_index.next() {
+                pr.next = last_index.next().max(pr.matched.next());
+            }
+            self.send_append(from, true)?;
+            return Ok(());
+        }
         let last = self.log.last_index();
         if last_index >= last || !self.log.match_term(last_index, last_term)? {
             return Ok(());
@@ -367,7 +397,8 @@ impl<S: LogStore> Raft<S> {
         prev_term: Term,
         entries: &[Entry],
     ) -> Result<(), Error> {
-        if entries.is_empty() || self.role == Role::Leader || !self.repair_pending()? {
+        if entries.is_empty() || self.leader.is_some() || !self.repair_pending()? {
+            // With a leader, its appends repair us (and confirm what they bring).
             return Ok(());
         }
         if prev_index != self.log.last_index() || self.log.last_term()? != prev_term {
@@ -383,9 +414,14 @@ impl<S: LogStore> Raft<S> {
             Err(AppendError::ConflictsWithCommitted) => return Ok(()),
             Err(AppendError::Store(err)) => return Err(err.into()),
         }
+        let first = entries[0].index;
+        self.repair_unconfirmed = Some(self.repair_unconfirmed.map_or(first, |f| f.min(first)));
         // Membership changes that another follows are committed (as at a restart): without
-        // this we would count votes with a membership two changes behind our log.
-        if let Some(floor) = self.log.committed_conf_change_floor(self.cfg.apply_bytes_max)? {
+        // this we would count votes with a membership two changes behind our log. (Only new
+        // changes can move that point.)
+        if entries.iter().any(|e| e.kind == EntryKind::ConfChange)
+            && let Some(floor) = self.log.committed_conf_change_floor(self.cfg.apply_bytes_max)?
+        {
             self.log.commit_to(floor);
         }
         if self.repair_pending()? {
@@ -645,8 +681,12 @@ impl<S: LogStore> Raft<S> {
             MessageBody::Heartbeat { commit, read } => {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
-                // The leader sends at most what we match; never trust it past our log.
-                self.log.commit_to(commit.min(self.log.last_index()));
+                // The leader sends at most what it believes we match; never trust it past our
+                // log, nor into entries only a repair answer gave us.
+                let cap = self
+                    .repair_unconfirmed
+                    .map_or(self.log.last_index(), |from| from.prev().min(self.log.last_index()));
+                self.log.commit_to(commit.min(cap));
                 self.send(m.from, self.term, MessageBody::HeartbeatResp { read });
                 Ok(())
             }
@@ -680,6 +720,11 @@ impl<S: LogStore> Raft<S> {
         match self.log.maybe_append(prev_index, prev_term, entries) {
             Ok(Some(last_new)) => {
                 self.log.commit_to(commit.min(last_new));
+                if let Some(from) = self.repair_unconfirmed {
+                    // Our log matches the leader's through `last_new`.
+                    self.repair_unconfirmed =
+                        (last_new < self.log.last_index()).then(|| from.max(last_new.next()));
+                }
                 self.send(from, self.term, MessageBody::AppResp { index: last_new, reject: None });
             }
             Ok(None) => {

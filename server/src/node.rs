@@ -397,7 +397,7 @@ fn check_commit_reached(
     );
     store::raise_repair_floor(dir, (LogIndex(u64::MAX), hs.term))
         .context("refusing to start: cannot save the repair floor")?;
-    wal.lower_commit_to_log().context("refusing to start: cannot lower the commit index")?;
+    wal.lower_commit(last).context("refusing to start: cannot lower the commit index")?;
     Ok(())
 }
 
@@ -410,6 +410,10 @@ pub fn prepare_repair(
     dir: &dyn Storage,
     repairable: bool,
 ) -> anyhow::Result<Option<(LogIndex, Term)>> {
+    // An IO error reading it (permissions, EIO) refuses the start: only a file that reads but
+    // does not decode is damage to repair.
+    store::check_log_start_readable(dir)
+        .context("refusing to start: cannot read the log-start file")?;
     if let Err(e) = store::read_log_start(dir, wal.first_index()) {
         if !repairable {
             return Err(e.context(
@@ -430,8 +434,9 @@ pub fn prepare_repair(
             store::raise_repair_floor(dir, (last, term))
                 .context("refusing to start: cannot save the repair floor")?;
         }
-        wal.restart_at(LogIndex(1), Term(0))
-            .and_then(|()| wal.lower_commit_to_log())
+        // The commit index first: a crash before the restart then repeats this repair.
+        wal.lower_commit(LogIndex(0))
+            .and_then(|()| wal.restart_at(LogIndex(1), Term(0)))
             .context("refusing to start: cannot discard the damaged log")?;
         match dir.remove(store::LOG_START_FILE) {
             Ok(()) => {}

@@ -179,6 +179,19 @@ pub fn read_log_start(
     Err(damaged(&format!("no record for the log start {first_index}")))
 }
 
+/// Reads the log-start file's bytes (if there is one) to tell an IO error, which is no reason to
+/// discard anything, from damage to its contents.
+pub fn check_log_start_readable(dir: &dyn Storage) -> std::io::Result<()> {
+    let file = match dir.open(LOG_START_FILE) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = file.size()?.min(LOG_START_BYTES_MAX);
+    let mut bytes = vec![0u8; len as usize];
+    file.read_at(&mut bytes, 0).map(|_| ())
+}
+
 /// The largest log-start file this node reads: two records of a membership and addresses.
 const LOG_START_BYTES_MAX: u64 = 16 << 20;
 

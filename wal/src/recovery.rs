@@ -242,7 +242,8 @@ fn later_group_after(bytes: &[u8], from: u64, damaged_index: LogIndex, salt: u32
     None
 }
 
-/// The highest (index, term) of any frame header that verifies at an aligned offset from
+/// The highest (index, term), by term then index, of any frame header that verifies at an
+/// aligned offset from
 /// `from` on. A header carries its own checksum, salted with this WAL's secret, so a match in
 /// damaged or stale bytes is as unlikely as a checksum collision.
 fn highest_frame(bytes: &[u8], from: u64, salt: u32) -> Option<(LogIndex, Term)> {
@@ -252,7 +253,7 @@ fn highest_frame(bytes: &[u8], from: u64, salt: u32) -> Option<(LogIndex, Term)>
         let rest = &bytes[pos..];
         if !all_zero(&rest[..FRAME_HEADER_BYTES as usize])
             && let Some(h) = FrameHeader::decode(rest, salt)
-            && best.is_none_or(|(i, _)| h.index > i)
+            && best.is_none_or(|(i, t)| (h.term, h.index) > (t, i))
         {
             best = Some((h.index, h.term));
         }
@@ -294,7 +295,7 @@ pub(crate) fn recover(
     let mut seg_ids: Vec<(u64, String)> =
         names.iter().filter_map(|n| parse_segment_name(n).map(|id| (id, n.clone()))).collect();
     seg_ids.sort();
-    let (meta, meta_file) = recover_meta(storage, &names, !seg_ids.is_empty(), &mut removed)?;
+    let (mut meta, meta_file) = recover_meta(storage, &names, !seg_ids.is_empty(), &mut removed)?;
     // Prepared segments that were never renamed into place hold no frames.
     let unused: Vec<&String> =
         names.iter().filter(|n| n.starts_with(PREP_PREFIX) && n.ends_with(PREP_SUFFIX)).collect();
@@ -574,11 +575,13 @@ pub(crate) fn recover(
                 let seg = view.segments.iter().find(|s| s.name == cut.segment)?;
                 highest_frame(seg.map.bytes(), from, meta.salt)
             });
+            // By (term, index), as votes compare logs: a stale frame a truncation left behind
+            // may carry a higher index with a lower term.
             let seen_last = dropped
                 .iter()
                 .filter_map(|d| highest_frame(d.map.bytes(), SEGMENT_HEADER_BYTES, meta.salt))
                 .chain(in_cut)
-                .max_by_key(|&(index, _)| index);
+                .max_by_key(|&(index, term)| (term, index));
             let s = Salvage {
                 segment: cut.segment,
                 offset: cut.offset,
@@ -588,7 +591,6 @@ pub(crate) fn recover(
                 dropped: dropped.iter().map(|d| d.name.clone()).collect(),
             };
             hook(&s).map_err(Error::io("keep what salvage drops"))?;
-            obsolete.extend(dropped.drain(..).map(|d| d.name));
             Some(s)
         }
     };
@@ -619,6 +621,30 @@ pub(crate) fn recover(
         storage.sync_dir().map_err(Error::io("sync dir after removing obsolete segments"))?;
     }
     removed.extend(obsolete);
+    if salvaged.is_some() {
+        // The saved commit index comes down to the kept log before the dropped segments go,
+        // so a crash between leaves either the same damage to cut again or a consistent log.
+        // (Not before the deletions above: a slot written earlier could take the sequence
+        // number an unfinished restart segment names.)
+        if meta.hard_state.commit > view.last_index {
+            let mut slot = meta;
+            slot.seq += 1;
+            slot.hard_state.commit = view.last_index;
+            let at = (slot.seq % 2) * META_SLOT_STRIDE;
+            meta_file.write_at(&slot.encode(), at).map_err(Error::io("write hard state"))?;
+            meta_file.sync_data().map_err(Error::io("fdatasync hard state"))?;
+            meta = slot;
+        }
+        for d in dropped.drain(..) {
+            match storage.remove(&d.name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::Io { op: "remove dropped segment", source: e }),
+            }
+            removed.push(d.name);
+        }
+        storage.sync_dir().map_err(Error::io("sync dir after removing dropped segments"))?;
+    }
     let last_crc = view.link(view.last_index)?.map_or(0, |(crc, _)| crc);
     let next_segment_id = seg_ids.last().map_or(1, |(id, _)| id + 1);
     let report = RecoveryReport {

@@ -273,11 +273,7 @@ impl Wal {
         opts: Options,
         keep: SalvageHook<'_>,
     ) -> Result<Wal> {
-        let wal = Wal::open_inner(storage, opts, Some(keep))?;
-        if wal.salvage.is_some() {
-            wal.lower_commit_to_log()?;
-        }
-        Ok(wal)
+        Wal::open_inner(storage, opts, Some(keep))
     }
 
     /// The damage this WAL's open cut the log at ([`Wal::open_salvaging`]).
@@ -866,17 +862,16 @@ impl Wal {
         self.write_meta(&mut meta, slot, false)
     }
 
-    /// Lowers the saved commit index to the last index, durably, if it is above it: for a
-    /// caller that discarded entries it had counted committed (a repair from peers, which
-    /// fetches them again). Every other save only raises the commit index.
-    pub fn lower_commit_to_log(&self) -> Result<()> {
-        let last = self.last_index();
+    /// Lowers the saved commit index to `to`, durably, if it is above it: for a caller about
+    /// to discard, or that discarded, entries it had counted committed (a repair from peers,
+    /// which fetches them again). Every other save only raises the commit index.
+    pub fn lower_commit(&self, to: LogIndex) -> Result<()> {
         let mut meta = self.meta.lock();
-        if meta.slot.hard_state.commit <= last {
+        if meta.slot.hard_state.commit <= to {
             return self.check_poisoned();
         }
         let mut slot = meta.slot;
-        slot.hard_state.commit = last;
+        slot.hard_state.commit = to;
         self.write_meta(&mut meta, slot, true)
     }
 

@@ -224,3 +224,31 @@ fn damage_to_both_hard_state_slots_still_refuses() {
         .expect_err("no peer can give back a term and vote");
     assert!(matches!(err, Error::Corrupt { ref segment, .. } if segment == "meta"), "{err}");
 }
+
+#[test]
+fn how_far_the_log_reached_is_judged_by_term_then_index() {
+    // 1..=100 at term 1, then a truncation at 50 (a new leader's log) and 50..=60 at term 2:
+    // segments behind the cut still hold stale term-1 frames up to 100.
+    let storage = FaultStorage::new();
+    let wal = Wal::open_with(Arc::new(storage.clone()), opts()).expect("open");
+    let p = vec![7u8; 200];
+    for i in 1..=100 {
+        wal.append(&[Entry { term: Term(1), index: LogIndex(i), payload: &p }]).expect("append");
+    }
+    wal.truncate_suffix(LogIndex(50)).expect("truncate");
+    for i in 50..=60 {
+        wal.append(&[Entry { term: Term(2), index: LogIndex(i), payload: &p }]).expect("append");
+    }
+    drop(wal);
+    let image = copy(&storage);
+    // Damage early in the first segment (index 1's payload).
+    let first = segments(&image).into_iter().next().expect("a segment");
+    image.flip_bit(&first, 64 + 40 + 5, 0);
+    let (wal, _) = open_salvaging(&image).expect("salvage opens");
+    let s = wal.salvage().expect("salvaged").clone();
+    assert_eq!(
+        s.seen_last,
+        Some((LogIndex(60), Term(2))),
+        "the log's real end (2/60) wins over stale term-1 frames at higher indexes"
+    );
+}
