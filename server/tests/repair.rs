@@ -99,6 +99,8 @@ async fn a_bit_flip_in_a_followers_sealed_segment_is_repaired_from_peers() {
     }
     assert_eq!(c.nodes[&victim].shared.status.read().repair_floor, None, "repair completes");
 
+    // The leader acknowledged `last` but may settle it a moment later.
+    c.wait_applied(leader, last).await;
     let expected = read_all(&c.client_of(leader).await).await;
     let got = read_all(&c.client_of(victim).await).await;
     assert!(got == expected, "the repaired node holds every record at its offset");
@@ -146,6 +148,8 @@ async fn a_damaged_log_start_file_is_repaired_from_the_leader() {
     let last = append_mib(&client, 1, 4).await;
     c.wait_applied(victim, last).await;
     let from = Offset(mid - 100);
+    // The leader acknowledged `last` but may settle it a moment later.
+    c.wait_applied(leader, last).await;
     let expected = read_from(&c.client_of(leader).await, from).await;
     let got = read_from(&c.client_of(victim).await, from).await;
     assert!(!got.is_empty() && got == expected, "the repaired node serves the leader's log");
@@ -201,6 +205,8 @@ async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
     assert!(data_dir.join("repair-floor").exists(), "a repair floor is kept");
     let last = client.append(["after"]).await.expect("append").last_offset.0;
     c.wait_applied(victim, last).await;
+    // The leader acknowledged `last` but may settle it a moment later.
+    c.wait_applied(leader, last).await;
     let expected = read_all(&c.client_of(leader).await).await;
     assert!(read_all(&c.client_of(victim).await).await == expected, "it serves the log again");
     assert!(c.nodes[&victim].shared.status.read().repair_floor.is_some(), "no vote yet");
