@@ -249,6 +249,12 @@ pub struct MetaSlot {
 }
 
 impl MetaSlot {
+    /// Where in the hard-state file this slot is written: slot `seq % 2`, so a save never
+    /// overwrites the slot it supersedes.
+    pub fn file_offset(&self) -> u64 {
+        (self.seq % 2) * META_SLOT_STRIDE
+    }
+
     /// Layout: magic[4] | version u32 | seq u64 | term u64 | vote u64 (0 = none) | commit u64 |
     /// first_index u64 | first_prev_term u64 | salt u32 | crc32(bytes 0..60) u32.
     pub fn encode(&self) -> [u8; META_SLOT_BYTES] {

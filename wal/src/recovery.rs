@@ -129,7 +129,7 @@ fn recover_meta(
         let tmp = storage.create(META_TMP_FILE).map_err(Error::io("create meta"))?;
         let mut bytes = vec![0u8; 2 * META_SLOT_STRIDE as usize];
         // Slot `seq % 2`, as every later save does, so the next save goes to the other slot.
-        let at = ((slot.seq % 2) * META_SLOT_STRIDE) as usize;
+        let at = slot.file_offset() as usize;
         bytes[at..at + META_SLOT_BYTES].copy_from_slice(&slot.encode());
         tmp.write_at(&bytes, 0).map_err(Error::io("write meta"))?;
         tmp.sync_data().map_err(Error::io("sync meta"))?;
@@ -260,6 +260,33 @@ fn highest_frame(bytes: &[u8], from: u64, salt: u32) -> Option<(LogIndex, Term)>
         pos += FRAME_ALIGN as usize;
     }
     best
+}
+
+/// The highest (index, term), by term then index, of the frames in a dropped segment: its
+/// frames are followed in order while they chain (the last one is the highest), and only past
+/// damage, or in a segment whose header is damaged, is every aligned offset looked at.
+fn reach_of(bytes: &[u8], salt: u32) -> Option<(LogIndex, Term)> {
+    let Ok(header) = SegmentHeader::decode(bytes) else {
+        return highest_frame(bytes, SEGMENT_HEADER_BYTES, salt);
+    };
+    let scan = scan_segment(bytes, header.first_index, None, salt);
+    let chained = (!scan.offsets.is_empty()).then(|| {
+        (LogIndex(header.first_index.get() + scan.offsets.len() as u64 - 1), scan.last_term)
+    });
+    let past_damage = scan.damage.and_then(|(at, _)| highest_frame(bytes, at, salt));
+    chained.into_iter().chain(past_damage).max_by_key(|&(index, term)| (term, index))
+}
+
+/// Deletes `names` from `storage`; one already gone is no error.
+fn remove_all(storage: &dyn Storage, names: &[String], op: &'static str) -> Result<()> {
+    for name in names {
+        match storage.remove(name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Io { op, source: e }),
+        }
+    }
+    Ok(())
 }
 
 /// Where salvage cuts: the damage found first, in log order.
@@ -579,7 +606,7 @@ pub(crate) fn recover(
             // may carry a higher index with a lower term.
             let seen_last = dropped
                 .iter()
-                .filter_map(|d| highest_frame(d.map.bytes(), SEGMENT_HEADER_BYTES, meta.salt))
+                .filter_map(|d| reach_of(d.map.bytes(), meta.salt))
                 .chain(in_cut)
                 .max_by_key(|&(index, term)| (term, index));
             let s = Salvage {
@@ -608,13 +635,7 @@ pub(crate) fn recover(
     // In id order (names sort by id): a segment that justifies deleting earlier ones is never
     // deleted before them.
     obsolete.sort();
-    for name in &obsolete {
-        match storage.remove(name) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::Io { op: "remove obsolete segment", source: e }),
-        }
-    }
+    remove_all(storage, &obsolete, "remove obsolete segment")?;
     // Durable before anyone writes: the first hard-state save after this takes the very `seq`
     // an unfinished restart segment names as its commit, so that segment must never come back.
     if !obsolete.is_empty() {
@@ -630,20 +651,16 @@ pub(crate) fn recover(
             let mut slot = meta;
             slot.seq += 1;
             slot.hard_state.commit = view.last_index;
-            let at = (slot.seq % 2) * META_SLOT_STRIDE;
-            meta_file.write_at(&slot.encode(), at).map_err(Error::io("write hard state"))?;
+            meta_file
+                .write_at(&slot.encode(), slot.file_offset())
+                .map_err(Error::io("write hard state"))?;
             meta_file.sync_data().map_err(Error::io("fdatasync hard state"))?;
             meta = slot;
         }
-        for d in dropped.drain(..) {
-            match storage.remove(&d.name) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::Io { op: "remove dropped segment", source: e }),
-            }
-            removed.push(d.name);
-        }
+        let names: Vec<String> = dropped.drain(..).map(|d| d.name).collect();
+        remove_all(storage, &names, "remove dropped segment")?;
         storage.sync_dir().map_err(Error::io("sync dir after removing dropped segments"))?;
+        removed.extend(names);
     }
     let last_crc = view.link(view.last_index)?.map_or(0, |(crc, _)| crc);
     let next_segment_id = seg_ids.last().map_or(1, |(id, _)| id + 1);

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::format::{
-    META_SLOT_STRIDE, MetaSlot, RestartMark, SEGMENT_HEADER_BYTES, SegmentHeader, chain_frame,
+    MetaSlot, RestartMark, SEGMENT_HEADER_BYTES, SegmentHeader, chain_frame,
     encode_frame_unchained, frame_bytes,
 };
 use crate::metrics::WalMetrics;
@@ -805,7 +805,7 @@ impl Wal {
     ) -> Result<()> {
         self.check_poisoned()?;
         slot.seq = meta.slot.seq + 1;
-        let at = (slot.seq % 2) * META_SLOT_STRIDE;
+        let at = slot.file_offset();
         let result = meta.file.write_at(&slot.encode(), at).map_err(Error::io("write hard state"));
         let result = result.and_then(|()| {
             if always_sync || self.opts.durability == Durability::Sync {
