@@ -401,6 +401,14 @@ fn check_commit_reached(
     Ok(())
 }
 
+/// The last index and its term. An unreadable term is an error, never a default: a floor built
+/// on a term too low would let this node vote for a log without entries it acknowledged.
+fn last_entry(wal: &Wal) -> anyhow::Result<(LogIndex, Term)> {
+    let last = wal.last_index();
+    let term = wal.term(last).context("refusing to start: cannot read the last entry's term")?;
+    Ok((last, term))
+}
+
 /// Settles a repair from peers before the core starts, and returns the repair floor to start
 /// with. A damaged log-start file (the membership as of the log start) is repaired by
 /// discarding the whole log: the leader sends its log start again. A repair floor the log has
@@ -412,19 +420,18 @@ pub fn prepare_repair(
 ) -> anyhow::Result<Option<(LogIndex, Term)>> {
     // An IO error reading it (permissions, EIO) refuses the start: only a file that reads but
     // does not decode is damage to repair.
-    store::check_log_start_readable(dir)
+    let start = store::load_log_start(dir, wal.first_index())
         .context("refusing to start: cannot read the log-start file")?;
-    if let Err(e) = store::read_log_start(dir, wal.first_index()) {
+    if let Err(damage) = start {
         if !repairable {
-            return Err(e.context(
-                "refusing to start: this node has no peers, so its log is the only copy: \
-                 restore the data directory from a backup",
-            ));
+            anyhow::bail!(
+                "{damage}; refusing to start: this node has no peers, so its log is the only \
+                 copy: restore the data directory from a backup"
+            );
         }
-        let last = wal.last_index();
-        let term = wal.term(last).unwrap_or(Term(0));
+        let (last, term) = last_entry(wal)?;
         tracing::error!(
-            error = %format!("{e:#}"),
+            error = %damage,
             last = %last,
             "the log-start file is damaged: discarding the log; the leader sends it again"
         );
@@ -438,16 +445,11 @@ pub fn prepare_repair(
         wal.lower_commit(LogIndex(0))
             .and_then(|()| wal.restart_at(LogIndex(1), Term(0)))
             .context("refusing to start: cannot discard the damaged log")?;
-        match dir.remove(store::LOG_START_FILE) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context("refusing to start: cannot remove log-start"),
-        }
-        dir.sync_dir().context("refusing to start: cannot sync the data directory")?;
+        store::remove_small_file(dir, store::LOG_START_FILE)
+            .context("refusing to start: cannot remove the damaged log-start file")?;
     }
     let Some((index, term)) = store::read_repair_floor(dir)? else { return Ok(None) };
-    let last = wal.last_index();
-    let last_term = wal.term(last).unwrap_or(Term(0));
+    let (last, last_term) = last_entry(wal)?;
     if (last_term, last) >= (term, index) {
         store::clear_repair_floor(dir).context("cannot remove the finished repair's floor")?;
         tracing::info!(floor = %format!("{term}/{index}"), "a repair from peers had completed");

@@ -165,31 +165,30 @@ pub fn read_log_start(
     dir: &dyn Storage,
     first_index: LogIndex,
 ) -> anyhow::Result<Option<StartRecord>> {
-    let Some(bytes) = read_small_file(dir, LOG_START_FILE, LOG_START_BYTES_MAX)? else {
-        return Ok(None);
-    };
-    let damaged = |why: &str| anyhow::anyhow!("{LOG_START_FILE} is damaged: {why}");
-    let records = decode_log_start(&bytes).map_err(&damaged)?;
-    if let Some(r) = records.into_iter().find(|r| r.first_index == first_index) {
-        return Ok(Some(r));
-    }
-    if first_index == LogIndex(1) {
-        return Ok(None);
-    }
-    Err(damaged(&format!("no record for the log start {first_index}")))
+    load_log_start(dir, first_index)?.map_err(|damage| anyhow::anyhow!(damage))
 }
 
-/// Reads the log-start file's bytes (if there is one) to tell an IO error, which is no reason to
-/// discard anything, from damage to its contents.
-pub fn check_log_start_readable(dir: &dyn Storage) -> std::io::Result<()> {
-    let file = match dir.open(LOG_START_FILE) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+/// Like [`read_log_start`], telling the two failures apart: the outer error is one reading the
+/// file (no reason to discard anything), the inner one damage to what it holds.
+pub fn load_log_start(
+    dir: &dyn Storage,
+    first_index: LogIndex,
+) -> anyhow::Result<Result<Option<StartRecord>, String>> {
+    let Some(bytes) = read_small_file(dir, LOG_START_FILE, LOG_START_BYTES_MAX)? else {
+        return Ok(Ok(None));
     };
-    let len = file.size()?.min(LOG_START_BYTES_MAX);
-    let mut bytes = vec![0u8; len as usize];
-    file.read_at(&mut bytes, 0).map(|_| ())
+    let damaged = |why: &str| format!("{LOG_START_FILE} is damaged: {why}");
+    let records = match decode_log_start(&bytes) {
+        Ok(records) => records,
+        Err(why) => return Ok(Err(damaged(why))),
+    };
+    if let Some(r) = records.into_iter().find(|r| r.first_index == first_index) {
+        return Ok(Ok(Some(r)));
+    }
+    if first_index == LogIndex(1) {
+        return Ok(Ok(None));
+    }
+    Ok(Err(damaged(&format!("no record for the log start {first_index}"))))
 }
 
 /// The largest log-start file this node reads: two records of a membership and addresses.
@@ -292,7 +291,12 @@ pub fn raise_repair_floor(dir: &dyn Storage, floor: (LogIndex, Term)) -> std::io
 
 /// Removes the repair floor once the log is back at it (durably).
 pub fn clear_repair_floor(dir: &dyn Storage) -> std::io::Result<()> {
-    match dir.remove(REPAIR_FLOOR_FILE) {
+    remove_small_file(dir, REPAIR_FLOOR_FILE)
+}
+
+/// Removes the small file `name` from `dir` durably; one already gone is no error.
+pub fn remove_small_file(dir: &dyn Storage, name: &str) -> std::io::Result<()> {
+    match dir.remove(name) {
         Ok(()) => dir.sync_dir(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
