@@ -356,19 +356,17 @@ impl<S: LogStore> Raft<S> {
         last_index: LogIndex,
         last_term: Term,
     ) -> Result<(), Error> {
-        if self.role == Role::Leader
-            && let Some(pr) = self.progress.get_mut(&from)
-        {
+        if self.role == Role::Leader {
             // Our record of what it holds may predate its damage: start again from what it
-            // says it has (only lower is safe; what it matches is confirmed by the probe).
-            if pr.matched > last_index {
+            // says it has (only lower is safe; what it matches is confirmed by the probe). A
+            // record not ahead of its log is current: replication goes on as it is.
+            if let Some(pr) = self.progress.get_mut(&from)
+                && pr.matched > last_index
+            {
                 pr.matched = last_index;
+                pr.become_probe();
+                self.send_append(from, true)?;
             }
-            pr.become_probe();
-            if pr.next > last_index.next() {
-                pr.next = last_index.next().max(pr.matched.next());
-            }
-            self.send_append(from, true)?;
             return Ok(());
         }
         let last = self.log.last_index();

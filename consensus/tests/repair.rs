@@ -57,6 +57,12 @@ fn settle(raw: &mut RawNode<MemLog>) -> Vec<Message> {
     sent
 }
 
+/// Steps `m` into the node and settles it; returns the messages sent.
+fn deliver(raw: &mut RawNode<MemLog>, m: Message) -> Vec<Message> {
+    raw.step(m).expect("step");
+    settle(raw)
+}
+
 fn msg(from: u64, term: u64, body: MessageBody) -> Message {
     Message { group: GroupId(1), from: NodeId(from), to: NodeId(2), term: Term(term), body }
 }
@@ -91,12 +97,10 @@ fn a_node_below_its_floor_votes_only_for_a_log_at_or_above_it() {
         transfer: false,
     };
     // Up to date against its cut log (2/9 > 1/3), behind its floor (2/10): refused.
-    raw.step(msg(3, 3, vote(9, 2))).expect("step");
-    let sent = settle(&mut raw);
+    let sent = deliver(&mut raw, msg(3, 3, vote(9, 2)));
     assert!(sent.iter().any(|m| matches!(m.body, MessageBody::VoteResp { reject: true })));
     // At the floor: granted.
-    raw.step(msg(1, 4, vote(10, 2))).expect("step");
-    let sent = settle(&mut raw);
+    let sent = deliver(&mut raw, msg(1, 4, vote(10, 2)));
     assert!(sent.iter().any(|m| matches!(m.body, MessageBody::VoteResp { reject: false })));
 }
 
@@ -107,13 +111,11 @@ fn entries_from_a_repair_answer_are_never_committed_by_a_heartbeat_alone() {
     let stale = vec![entry(4, 2, "s4"), entry(5, 2, "s5"), entry(6, 2, "s6")];
     let body =
         MessageBody::RepairResp { prev_index: LogIndex(3), prev_term: Term(1), entries: stale };
-    raw.step(msg(3, 2, body)).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(3, 2, body));
     assert_eq!(raw.status().last_index, LogIndex(6), "taken: they continue our log");
     // The leader, whose record of our log predates the damage, says commit 6.
     let heartbeat = MessageBody::Heartbeat { commit: LogIndex(6), read: None };
-    raw.step(msg(1, 2, heartbeat.clone())).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(1, 2, heartbeat.clone()));
     assert_eq!(raw.status().commit, LogIndex(3), "unconfirmed entries are not committed");
     // The leader's append confirms through 5 (and replaces nothing: the same entries).
     let app = MessageBody::App {
@@ -122,10 +124,8 @@ fn entries_from_a_repair_answer_are_never_committed_by_a_heartbeat_alone() {
         entries: vec![entry(4, 2, "s4"), entry(5, 2, "s5")],
         commit: LogIndex(5),
     };
-    raw.step(msg(1, 2, app)).expect("step");
-    settle(&mut raw);
-    raw.step(msg(1, 2, heartbeat.clone())).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(1, 2, app));
+    deliver(&mut raw, msg(1, 2, heartbeat.clone()));
     assert_eq!(raw.status().commit, LogIndex(5), "confirmed through 5, not 6");
     let app = MessageBody::App {
         prev_index: LogIndex(5),
@@ -133,10 +133,8 @@ fn entries_from_a_repair_answer_are_never_committed_by_a_heartbeat_alone() {
         entries: vec![entry(6, 2, "s6")],
         commit: LogIndex(5),
     };
-    raw.step(msg(1, 2, app)).expect("step");
-    settle(&mut raw);
-    raw.step(msg(1, 2, heartbeat)).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(1, 2, app));
+    deliver(&mut raw, msg(1, 2, heartbeat));
     assert_eq!(raw.status().commit, LogIndex(6), "all confirmed");
 }
 
@@ -149,19 +147,16 @@ fn a_repair_answer_that_does_not_continue_the_log_or_comes_with_a_leader_is_igno
         prev_term: Term(1),
         entries: vec![entry(4, 2, "b"), entry(5, 2, "c")],
     };
-    raw.step(msg(3, 2, body)).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(3, 2, body));
     assert_eq!(raw.status().last_index, LogIndex(4));
     // With a leader known, its appends repair us: a peer's answer is ignored.
-    raw.step(msg(1, 2, MessageBody::Heartbeat { commit: LogIndex(3), read: None })).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(1, 2, MessageBody::Heartbeat { commit: LogIndex(3), read: None }));
     let body = MessageBody::RepairResp {
         prev_index: LogIndex(4),
         prev_term: Term(2),
         entries: vec![entry(5, 2, "c")],
     };
-    raw.step(msg(3, 2, body)).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(3, 2, body));
     assert_eq!(raw.status().last_index, LogIndex(4));
 }
 
@@ -172,16 +167,13 @@ fn a_leader_told_of_a_lost_log_probes_again_from_it() {
     let mut raw = repairing(&[entry(4, 2, "x"), entry(5, 2, "y")], None);
     raw.campaign().expect("campaign");
     settle(&mut raw);
-    raw.step(msg(1, 3, MessageBody::VoteResp { reject: false })).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(1, 3, MessageBody::VoteResp { reject: false }));
     assert_eq!(raw.status().role, Role::Leader);
     let last = raw.status().last_index;
-    raw.step(msg(3, 3, MessageBody::AppResp { index: last, reject: None })).expect("step");
-    settle(&mut raw);
+    deliver(&mut raw, msg(3, 3, MessageBody::AppResp { index: last, reject: None }));
     assert_eq!(raw.status().progress[&NodeId(3)].matched, last);
     let req = MessageBody::RepairReq { last_index: LogIndex(3), last_term: Term(1) };
-    raw.step(msg(3, 3, req)).expect("step");
-    let sent = settle(&mut raw);
+    let sent = deliver(&mut raw, msg(3, 3, req));
     assert_eq!(raw.status().progress[&NodeId(3)].matched, LogIndex(3));
     assert!(
         sent.iter().any(|m| m.to == NodeId(3)
