@@ -163,45 +163,37 @@ impl Shared {
             state.attempts += 1;
             let call =
                 tokio::time::timeout(self.config.request_timeout, attempt(target.channel.clone()));
-            let outcome = tokio::select! {
-                outcome = call => outcome,
+            let verdict = tokio::select! {
+                outcome = call => match outcome {
+                    Ok(Ok(answer)) => {
+                        self.router.confirm(route, target.index);
+                        return Ok(Answer {
+                            value: answer,
+                            endpoint: target.url,
+                            attempts: state.attempts,
+                        });
+                    }
+                    Ok(Err(status)) => {
+                        state.last = format!("{}: {}", target.url, describe(&status));
+                        classify(status)
+                    }
+                    Err(_elapsed) => {
+                        state.last = format!(
+                            "{}: no answer within request_timeout {:?}",
+                            target.url, self.config.request_timeout
+                        );
+                        Verdict::Ambiguous
+                    }
+                },
                 leader_addr = self.deposed(route, &target) => {
                     // The attempt is dropped (cancelled) without an answer: it may still take
-                    // effect, as after a timeout.
+                    // effect, as after a timeout. Then it is followed like a "not leader".
                     state.ambiguous = true;
                     state.last = format!(
                         "{}: no answer while {leader_addr} leads (abandoned after a leader check)",
                         target.url
                     );
-                    if state.attempts >= attempts_max {
-                        return Err(state.exhausted(effect));
-                    }
-                    if let Some(next) = self.router.redirect(route, &leader_addr) {
-                        target = next;
-                    }
-                    state.redirected = false;
-                    continue;
-                }
-            };
-            let verdict = match outcome {
-                Ok(Ok(answer)) => {
-                    self.router.confirm(route, target.index);
-                    return Ok(Answer {
-                        value: answer,
-                        endpoint: target.url,
-                        attempts: state.attempts,
-                    });
-                }
-                Ok(Err(status)) => {
-                    state.last = format!("{}: {}", target.url, describe(&status));
-                    classify(status)
-                }
-                Err(_elapsed) => {
-                    state.last = format!(
-                        "{}: no answer within request_timeout {:?}",
-                        target.url, self.config.request_timeout
-                    );
-                    Verdict::Ambiguous
+                    Verdict::NotLeader { leader_addr: Some(leader_addr) }
                 }
             };
             let exhausted = state.attempts >= attempts_max;
