@@ -308,10 +308,7 @@ impl Driver {
                 }
                 Event::Check => match self.shared.leader_elsewhere(&self.target).await {
                     Some(addr) => {
-                        let last = format!(
-                            "{}: no answer while {addr} leads (abandoned after a leader check)",
-                            self.target.url
-                        );
+                        let last = crate::call::abandoned(&self.target.url, &addr);
                         self.on_failure(Verdict::NotLeader { leader_addr: Some(addr) }, last, None);
                     }
                     None => {

@@ -47,6 +47,11 @@ async fn status_of(channel: Channel, timeout: Duration) -> Option<proto::StatusR
     }
 }
 
+/// What an attempt abandoned after a leader check reports.
+pub(crate) fn abandoned(url: &str, leader_addr: &str) -> String {
+    format!("{url}: no answer while {leader_addr} leads (abandoned after a leader check)")
+}
+
 /// How long a leader check's answer is shared with other stalled calls.
 const LEADER_CHECK_SHARED: Duration = Duration::from_millis(100);
 
@@ -189,10 +194,7 @@ impl Shared {
                     // The attempt is dropped (cancelled) without an answer: it may still take
                     // effect, as after a timeout. Then it is followed like a "not leader".
                     state.ambiguous = true;
-                    state.last = format!(
-                        "{}: no answer while {leader_addr} leads (abandoned after a leader check)",
-                        target.url
-                    );
+                    state.last = abandoned(&target.url, &leader_addr);
                     Verdict::NotLeader { leader_addr: Some(leader_addr) }
                 }
             };
