@@ -153,6 +153,10 @@ pub enum MessageBody {
     /// The answer: entries of the sender's log after `(prev_index, prev_term)`, committed or
     /// not. Changes no one's term.
     RepairResp { prev_index: LogIndex, prev_term: Term, entries: Vec<Entry> },
+    /// The leader to a follower whose log no longer holds what it acknowledged in this term:
+    /// you acknowledged through `(index, term)` (so it is a floor for the follower's votes
+    /// until its log is back there; [`crate::Restored::tail_cut`]).
+    AckedThrough { index: LogIndex, term: Term },
 }
 
 /// Where a rejecting follower's log might match the leader's.
@@ -183,6 +187,7 @@ impl MessageBody {
             MessageBody::ReadIndexResp { .. } => "ReadIndexResp",
             MessageBody::RepairReq { .. } => "RepairReq",
             MessageBody::RepairResp { .. } => "RepairResp",
+            MessageBody::AckedThrough { .. } => "AckedThrough",
         }
     }
 
@@ -248,6 +253,7 @@ impl std::fmt::Display for Message {
             MessageBody::RepairResp { prev_index, prev_term, entries } => {
                 write!(f, " prev={prev_term}/{prev_index} entries={entries:?}")
             }
+            MessageBody::AckedThrough { index, term } => write!(f, " through={term}/{index}"),
         }
     }
 }

@@ -74,6 +74,13 @@ pub(crate) struct Raft<S> {
     repair_unconfirmed: Option<LogIndex>,
     /// Ticks while a repair is pending, to remind a leader once per election timeout.
     repair_ticks: u32,
+    /// Ticks left of the hold after a restart whose recovery cut an unreadable tail
+    /// ([`crate::Restored::tail_cut`]): while above zero the node neither campaigns nor votes.
+    tail_hold: u32,
+    /// Whether the node still has to tell the first leader it hears from where its cut log ends.
+    tail_report: bool,
+    /// Set when a leader raised the repair floor; the next Ready hands it out to persist.
+    pub(crate) floor_raised: bool,
     /// Messages that may be sent at once.
     pub(crate) msgs: Vec<Message>,
     /// Messages to send only once the Ready's hard state and entries are durable.
@@ -113,6 +120,9 @@ impl<S: LogStore> Raft<S> {
             repair_floor: None,
             repair_unconfirmed: None,
             repair_ticks: 0,
+            tail_hold: 0,
+            tail_report: false,
+            floor_raised: false,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
@@ -126,6 +136,14 @@ impl<S: LogStore> Raft<S> {
     /// Whether this node may campaign: it is a voter (learners and removed nodes never are).
     pub(crate) fn promotable(&self) -> bool {
         self.membership.is_voter(self.id)
+    }
+
+    /// Recovery cut an unreadable tail from this node's log ([`crate::Restored::tail_cut`]): hold
+    /// elections for one election timeout, and tell the first leader heard from where the log
+    /// ends.
+    pub(crate) fn hold_after_tail_cut(&mut self) {
+        self.tail_hold = self.cfg.election_ticks;
+        self.tail_report = true;
     }
 
     /// Whether the log is still less up to date than the repair floor; clears the floor once it
@@ -228,6 +246,7 @@ impl<S: LogStore> Raft<S> {
             return self.tick_leader();
         }
         self.election_elapsed = self.election_elapsed.saturating_add(1);
+        self.tail_hold = self.tail_hold.saturating_sub(1);
         if self.repair_floor.is_some() && self.repair_pending()? {
             // Remind a leader that we lost entries, once per election timeout: an idle leader
             // whose record of our log predates the damage would otherwise send us nothing.
@@ -285,6 +304,11 @@ impl<S: LogStore> Raft<S> {
 
     pub(crate) fn campaign(&mut self, kind: Campaign) -> Result<(), Error> {
         if !self.promotable() || self.role == Role::Leader {
+            return Ok(());
+        }
+        if self.tail_hold > 0 {
+            // Our log may have lost entries we acknowledged: a leader still alive proves it
+            // within this hold (even one that handed leadership to us, believing us caught up).
             return Ok(());
         }
         if self.repair_pending()? {
@@ -348,6 +372,32 @@ impl<S: LogStore> Raft<S> {
         Ok(())
     }
 
+    /// Tells `to`, whose log no longer holds what it acknowledged, that it acknowledged through
+    /// `acked` in this term: in this term the leader's record only rises with the follower's
+    /// acknowledgements, so the follower held our entry there and the floor is sound. (Below
+    /// our log start its term is unknown; the follower then gets our log start anyway.)
+    fn send_acked_through(&mut self, to: NodeId, acked: LogIndex) -> Result<(), Error> {
+        if let Some(term) = self.log.term_if_known(acked)? {
+            self.send(to, self.term, MessageBody::AckedThrough { index: acked, term });
+        }
+        Ok(())
+    }
+
+    /// A leader proved this node acknowledged through `(index, term)`: its log must be back
+    /// there before it votes for a log less up to date than that. The floor only rises.
+    fn handle_acked_through(&mut self, index: LogIndex, term: Term) -> Result<(), Error> {
+        if (self.log.last_term()?, self.log.last_index()) >= (term, index) {
+            return Ok(());
+        }
+        if self.repair_floor.is_some_and(|floor| floor >= (term, index)) {
+            return Ok(());
+        }
+        self.repair_floor = Some((term, index));
+        self.repair_ticks = 0;
+        self.floor_raised = true;
+        Ok(())
+    }
+
     /// Answers a repair request with the entries of our log after the asker's last one, when
     /// our log holds that entry too (else we cannot say what follows it).
     fn handle_repair_request(
@@ -363,8 +413,10 @@ impl<S: LogStore> Raft<S> {
             if let Some(pr) = self.progress.get_mut(&from)
                 && pr.matched > last_index
             {
+                let acked = pr.matched;
                 pr.matched = last_index;
                 pr.become_probe();
+                self.send_acked_through(from, acked)?;
                 self.send_append(from, true)?;
             }
             return Ok(());
@@ -458,7 +510,11 @@ impl<S: LogStore> Raft<S> {
         // A repairing node judges the candidate by the log it had before the damage, too.
         let above_floor = !self.repair_pending()?
             || self.repair_floor.is_some_and(|floor| (last_term, last_index) >= floor);
-        let granted = can_vote && self.log.is_up_to_date(last_index, last_term)? && above_floor;
+        // A transfer's candidate is one the leader found holding its whole log: safe to elect.
+        let transfer = matches!(m.body, MessageBody::Vote { transfer: true, .. });
+        let held = self.tail_hold > 0 && !transfer;
+        let granted =
+            can_vote && self.log.is_up_to_date(last_index, last_term)? && above_floor && !held;
         if granted {
             if !pre {
                 self.election_elapsed = 0;
@@ -485,6 +541,16 @@ impl<S: LogStore> Raft<S> {
     // ----- messages -----
 
     pub(crate) fn step(&mut self, m: Message) -> Result<(), Error> {
+        self.step_message(m)?;
+        if self.tail_report && self.role == Role::Follower && self.leader.is_some() {
+            // Where our cut log ends: a leader that counted us for more says so.
+            self.tail_report = false;
+            self.request_repair(self.leader)?;
+        }
+        Ok(())
+    }
+
+    fn step_message(&mut self, m: Message) -> Result<(), Error> {
         self.validate(&m)?;
         // Repair traffic changes no one's term or leader: any member answers, whatever its role.
         match m.body {
@@ -505,6 +571,11 @@ impl<S: LogStore> Raft<S> {
                 if !forced && in_lease {
                     // We heard from a leader within the election timeout: a node that asks for
                     // votes now was cut off, not the leader gone. Ignore it (thesis 4.2.3).
+                    return Ok(());
+                }
+                if !forced && self.tail_hold > 0 {
+                    // Held after a tail cut: a newer term would cut us off from a leader that
+                    // can still tell us what we acknowledged.
                     return Ok(());
                 }
             }
@@ -585,6 +656,9 @@ impl<S: LogStore> Raft<S> {
                 MessageBody::RepairResp { prev_index, prev_term, .. } => {
                     implausible(prev_index.0) || implausible(prev_term.0)
                 }
+                MessageBody::AckedThrough { index, term } => {
+                    implausible(index.0) || implausible(term.0)
+                }
                 _ => false,
             };
         if too_large {
@@ -608,6 +682,9 @@ impl<S: LogStore> Raft<S> {
                     expected = expected.next();
                     term = entry.term;
                 }
+            }
+            MessageBody::AckedThrough { term, .. } if *term > m.term => {
+                return invalid("acknowledged entry's term is above the message term");
             }
             MessageBody::InstallLog { start, .. } => {
                 if start.first_index.0 == 0 || start.prev_term > m.term {
@@ -694,6 +771,9 @@ impl<S: LogStore> Raft<S> {
                 self.handle_install_log(m.from, start, commit)
             }
             MessageBody::TimeoutNow => self.campaign(Campaign::Transfer),
+            MessageBody::AckedThrough { index, term } if self.leader == Some(m.from) => {
+                self.handle_acked_through(index, term)
+            }
             MessageBody::ReadIndexResp { context, index } => {
                 self.read_states.push(ReadState { index, context });
                 Ok(())
@@ -781,6 +861,11 @@ impl<S: LogStore> Raft<S> {
         let Some(pr) = self.progress.get_mut(&from) else { return Ok(()) };
         pr.recent_active = true;
         if let Some(hint) = reject {
+            let acked = pr.matched;
+            if hint.index < acked {
+                // Its log no longer matches ours where it acknowledged: damage cut it.
+                self.send_acked_through(from, acked)?;
+            }
             let probe = if hint.term.0 > 0 {
                 self.log.find_conflict_by_term(hint.index, hint.term)?.0
             } else {

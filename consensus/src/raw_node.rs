@@ -34,6 +34,15 @@ pub struct Restored {
     /// a vote judged by the shorter log could elect a leader without them. The caller must keep
     /// the floor durable until the log reaches it.
     pub repair_floor: Option<(LogIndex, Term)>,
+    /// Set when recovery cut a tail of the log it could not read: a write torn by a crash (never
+    /// acknowledged), or damage after it was synced that looks the same (perhaps acknowledged).
+    /// The node then holds elections for one election timeout (it neither campaigns nor votes,
+    /// except for a leader's transfer) and tells the first leader it hears from where its log
+    /// ends. A leader that counted it as holding more answers with what it acknowledged, which
+    /// becomes the repair floor ([`Ready::repair_floor`]). With no such leader alive, the
+    /// entries were acknowledged to no one who can tell, and the node goes on as after a torn
+    /// write (a cluster-wide power loss must not block elections).
+    pub tail_cut: bool,
 }
 
 /// The leader and this node's role, reported when they change.
@@ -87,6 +96,10 @@ pub struct Ready {
     pub persisted_messages: Vec<Message>,
     /// Read barriers that completed.
     pub read_states: Vec<ReadState>,
+    /// A leader proved that this node acknowledged entries its log no longer holds: the new
+    /// repair floor ([`Restored::repair_floor`]). Persist it (replacing a lower one) before
+    /// sending `persisted_messages`.
+    pub repair_floor: Option<(LogIndex, Term)>,
 }
 
 impl Ready {
@@ -101,6 +114,7 @@ impl Ready {
             && self.messages.is_empty()
             && self.persisted_messages.is_empty()
             && self.read_states.is_empty()
+            && self.repair_floor.is_none()
     }
 }
 
@@ -187,7 +201,7 @@ impl<S: LogStore> RawNode<S> {
     /// A node restarting from what the caller persisted, over its persisted log.
     pub fn new(config: Config, restored: Restored, store: S) -> Result<RawNode<S>, Error> {
         config.validate()?;
-        let Restored { hard_state, mut membership, mut applied, repair_floor } = restored;
+        let Restored { hard_state, mut membership, mut applied, repair_floor, tail_cut } = restored;
         let first = store.first_index();
         let last = store.last_index();
         let start = store.start();
@@ -211,6 +225,9 @@ impl<S: LogStore> RawNode<S> {
         let mut raft = Raft::new(config, hard_state.term, hard_state.vote, log, membership);
         raft.repair_floor = repair_floor.map(|(index, term)| (term, index));
         raft.repair_pending()?;
+        if tail_cut {
+            raft.hold_after_tail_cut();
+        }
         let prev_soft = SoftState { leader: None, role: Role::Follower };
         let prev_hard = HardState { term: hard_state.term, vote: hard_state.vote, commit };
         Ok(RawNode { raft, prev_soft, prev_hard, next_number: 1, unpersisted: VecDeque::new() })
@@ -278,6 +295,7 @@ impl<S: LogStore> RawNode<S> {
             || !raft.msgs.is_empty()
             || !raft.msgs_after_persist.is_empty()
             || !raft.read_states.is_empty()
+            || raft.floor_raised
     }
 
     fn soft_state(&self) -> SoftState {
@@ -328,6 +346,9 @@ impl<S: LogStore> RawNode<S> {
             messages: std::mem::take(&mut self.raft.msgs),
             persisted_messages: std::mem::take(&mut self.raft.msgs_after_persist),
             read_states: std::mem::take(&mut self.raft.read_states),
+            repair_floor: std::mem::take(&mut self.raft.floor_raised)
+                .then(|| self.repair_floor())
+                .flatten(),
         };
         self.prev_soft = soft;
         self.prev_hard = hard;

@@ -175,6 +175,7 @@ impl Cluster {
             membership: durable.membership.clone(),
             applied: durable.applied,
             repair_floor: None,
+            tail_cut: false,
         };
         let raw = match RawNode::new(config.clone(), restored, durable.log.clone()) {
             Ok(raw) => Some(raw),

@@ -333,7 +333,12 @@ fn open_wal(
         && wal.hard_state().commit <= wal.last_index()
     {
         // (Below the commit index it was no torn write: `check_commit_reached` says so.)
-        tracing::warn!(?torn, "recovery cut a torn tail (an unacknowledged write)");
+        tracing::warn!(
+            ?torn,
+            "recovery cut an unreadable tail (a torn write, or damage after the sync that looks \
+             the same): holding elections for one election timeout, so that a leader that \
+             counted this node for those entries can say so"
+        );
     }
     if let Some(s) = wal.salvage() {
         metrics::counter!("raftwal_server_repairs_started_total", "what" => "segment").increment(1);
@@ -527,6 +532,7 @@ pub fn recover_core(
         membership: start_membership.clone(),
         applied: first.prev(),
         repair_floor,
+        tail_cut: wal.recovery().torn_tail.is_some(),
     };
     let raw = RawNode::new(raft, restored, WalStore::new(wal, start_membership.clone()))
         .context("refusing to start: the persisted state is inconsistent")?;

@@ -224,3 +224,61 @@ async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
     assert_eq!(c.nodes[&victim].shared.status.read().repair_floor, None, "repair completes");
     c.shutdown().await;
 }
+
+/// Damage after the sync in a follower's last write group looks like a torn write to
+/// recovery, and its saved commit index (which Raft lets lag) proves nothing. The leader, which
+/// counted the follower for those entries, proves it: the node raises its repair floor durably,
+/// fetches the entries again, and completes the repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tail_cut_the_leader_saw_acknowledged_becomes_a_repair() {
+    let mut c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let victim = (1..=3).find(|&id| id != leader).expect("a follower");
+    let client = c.client().await;
+    let mut last = 0;
+    for i in 0..50u32 {
+        last = client.append(vec![vec![i as u8; 1000]; 10]).await.expect("append").last_offset.0;
+    }
+    c.wait_applied(victim, last).await;
+    c.stop_node(victim).await;
+    let data_dir = c.configs[&victim].data_dir.clone();
+    {
+        // As after a crash before the follower saved the commit index of its last appends.
+        let opts = raftwal_wal::Options {
+            segment_bytes: c.configs[&victim].segment_bytes,
+            record_bytes_max: raftwal_server::config::WAL_ENTRY_BYTES_MAX,
+            ..Default::default()
+        };
+        let wal = raftwal_wal::Wal::open(data_dir.join("wal"), opts).expect("open the WAL");
+        wal.lower_commit(raftwal_consensus::LogIndex(3)).expect("lower the commit index");
+    }
+    let seg = segments(&data_dir).pop().expect("the active segment");
+    let used = std::fs::read(&seg).expect("read").iter().rposition(|&b| b != 0).expect("frames");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .and_then(|f| f.set_len(used as u64 / 2))
+        .expect("truncate");
+
+    c.start_node(victim).await;
+    for _ in 0..250 {
+        if data_dir.join("repair-floor").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(data_dir.join("repair-floor").exists(), "the leader's proof became a durable floor");
+    let after = client.append(["after"]).await.expect("append").last_offset.0;
+    c.wait_applied(victim, after).await;
+    c.wait_applied(leader, after).await;
+    let expected = read_all(&c.client_of(leader).await).await;
+    assert!(read_all(&c.client_of(victim).await).await == expected, "it serves the log again");
+    for _ in 0..500 {
+        if c.nodes[&victim].shared.status.read().repair_floor.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.nodes[&victim].shared.status.read().repair_floor, None, "repair completes");
+    c.shutdown().await;
+}

@@ -136,6 +136,7 @@ enum WireBody {
     ReadIndexResp { context: u64, index: u64 },
     RepairReq { last_index: u64, last_term: u64 },
     RepairResp { prev_index: u64, prev_term: u64, entries: Vec<WireEntry> },
+    AckedThrough { index: u64, term: u64 },
 }
 
 fn ids(set: &std::collections::BTreeSet<NodeId>) -> Vec<u64> {
@@ -196,6 +197,9 @@ fn to_wire(msg: &Message) -> WireMessage {
         }
         MessageBody::RepairReq { last_index, last_term } => {
             WireBody::RepairReq { last_index: last_index.0, last_term: last_term.0 }
+        }
+        MessageBody::AckedThrough { index, term } => {
+            WireBody::AckedThrough { index: index.0, term: term.0 }
         }
         MessageBody::RepairResp { prev_index, prev_term, entries } => WireBody::RepairResp {
             prev_index: prev_index.0,
@@ -373,6 +377,9 @@ fn from_wire(
         },
         ArchivedWireBody::RepairReq { last_index, last_term } => {
             MessageBody::RepairReq { last_index: idx(last_index), last_term: term(last_term) }
+        }
+        ArchivedWireBody::AckedThrough { index, term: t } => {
+            MessageBody::AckedThrough { index: idx(index), term: term(t) }
         }
         ArchivedWireBody::RepairResp { prev_index, prev_term, entries } => {
             MessageBody::RepairResp {

@@ -46,6 +46,7 @@ fn seeds() -> Vec<Vec<u8>> {
         },
         MessageBody::ReadIndexResp { context: 9, index: LogIndex(3) },
         MessageBody::RepairReq { last_index: LogIndex(5), last_term: Term(2) },
+        MessageBody::AckedThrough { index: LogIndex(5), term: Term(2) },
         MessageBody::RepairResp {
             prev_index: LogIndex(1),
             prev_term: Term(1),

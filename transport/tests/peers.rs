@@ -49,6 +49,7 @@ fn every_kind() -> Vec<MessageBody> {
         MessageBody::ReadIndex { context: 77 },
         MessageBody::ReadIndexResp { context: 77, index: LogIndex(12) },
         MessageBody::RepairReq { last_index: LogIndex(40), last_term: Term(3) },
+        MessageBody::AckedThrough { index: LogIndex(40), term: Term(3) },
         MessageBody::RepairResp {
             prev_index: LogIndex(40),
             prev_term: Term(3),

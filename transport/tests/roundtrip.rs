@@ -91,6 +91,7 @@ fn body() -> impl Strategy<Value = MessageBody> {
             .prop_map(|(context, index)| MessageBody::ReadIndexResp { context, index }),
         (index(), term())
             .prop_map(|(last_index, last_term)| MessageBody::RepairReq { last_index, last_term }),
+        (index(), term()).prop_map(|(index, term)| MessageBody::AckedThrough { index, term }),
         (index(), term(), prop::collection::vec(entry(), 0..8)).prop_map(
             |(prev_index, prev_term, entries)| MessageBody::RepairResp {
                 prev_index,

@@ -185,6 +185,9 @@ pub enum Action {
     Flush { through: u64 },
     /// Save the hard state durably before the next action (its term or vote changed).
     SaveHardState(HardState),
+    /// Raise the repair floor durably before the next action: a leader proved that this node
+    /// acknowledged entries its log no longer holds (consensus's `Ready::repair_floor`).
+    RaiseRepairFloor((LogIndex, Term)),
     /// Save this commit index (with the saved term and vote) once the writes queued before it
     /// are durable, without holding up the actions after it: Raft needs no durable commit
     /// index, so a slow disk must not stall the core's other work on it.
@@ -421,6 +424,29 @@ impl NodeCore {
 
     fn reply(&mut self, id: RequestId, outcome: Outcome) {
         self.actions.push_back(Action::Reply { id, outcome });
+    }
+
+    /// A leader proved that this node acknowledged through `floor`, and recovery had cut its
+    /// log below that (a tail it took for a torn write): a repair from peers, like one found at
+    /// the start. The floor is made durable before anything this node sends next.
+    fn raised_repair_floor(&mut self, floor: (LogIndex, Term)) {
+        self.actions.push_back(Action::RaiseRepairFloor(floor));
+        let (index, term) = floor;
+        let last = self.raw.last_index();
+        tracing::error!(
+            floor = %format!("{term}/{index}"),
+            %last,
+            "the leader says this node acknowledged entries that recovery cut from its log \
+             (damage after the sync, not a torn write): repairing from peers; this node votes \
+             for no log behind the floor until its own log reaches it"
+        );
+        if !self.repairing {
+            self.repairing = true;
+            metrics::counter!("raftwal_server_repairs_started_total", "what" => "acknowledged_tail")
+                .increment(1);
+            metrics::gauge!("raftwal_server_repair_pending").set(1.0);
+        }
+        self.publish_status();
     }
 
     /// Says so once consensus's repair floor is reached: the log holds again everything this

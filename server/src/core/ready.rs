@@ -74,6 +74,10 @@ impl NodeCore {
         if let Some(start) = &rd.log_start {
             self.restart_log(start.first_index, start.prev_term, start.membership.clone());
         }
+        if let Some(floor) = rd.repair_floor {
+            // Before any message that promises durable state (they all follow this action).
+            self.raised_repair_floor(floor);
+        }
         self.persist(rd.number, rd.entries, rd.hard_state, rd.persisted_messages)?;
         if !rd.committed_entries.is_empty() {
             self.apply_entries(&rd.committed_entries)?;

@@ -394,6 +394,7 @@ impl Driver {
                 self.core.handle(Input::Persisted { number: through })?;
             }
             Action::SaveHardState(hs) => self.storage.save_hard_state(hs)?,
+            Action::RaiseRepairFloor(floor) => self.storage.raise_repair_floor(floor)?,
             Action::SaveCommit(commit) => {
                 let job = syncer::SyncJob::SaveCommit(commit);
                 self.syncer.send(job).map_err(|_| DriverFailure::SyncerGone)?;

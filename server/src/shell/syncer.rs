@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
 
-use raftwal_consensus::{Entry, HardState, LogIndex};
+use raftwal_consensus::{Entry, HardState, LogIndex, Term};
 use raftwal_wal::storage::Storage;
 use raftwal_wal::{Entry as WalEntry, Ticket, Wal};
 
@@ -28,6 +28,9 @@ pub enum StorageError {
     /// The log-start file could not be written.
     #[error("write the log-start file: {0}")]
     LogStart(std::io::Error),
+    /// The repair-floor file could not be written.
+    #[error("write the repair-floor file: {0}")]
+    RepairFloor(std::io::Error),
 }
 
 fn wal_err(op: &'static str) -> impl FnOnce(raftwal_wal::Error) -> StorageError {
@@ -92,6 +95,12 @@ impl NodeStorage {
     /// Saves the hard state durably.
     pub fn save_hard_state(&self, hs: HardState) -> Result<(), StorageError> {
         self.wal.save_hard_state(hs).map_err(wal_err("hard state"))
+    }
+
+    /// Raises the repair floor durably (a leader proved this node acknowledged more than its log
+    /// holds).
+    pub fn raise_repair_floor(&self, floor: (LogIndex, Term)) -> Result<(), StorageError> {
+        store::raise_repair_floor(self.dir.as_ref(), floor).map_err(StorageError::RepairFloor)
     }
 
     /// Saves a higher commit index durably, keeping the saved term and vote.

@@ -303,6 +303,8 @@ struct Pending {
     entries: Vec<Entry>,
     hard_state: Option<HardState>,
     persisted_messages: Vec<Message>,
+    /// A repair floor a leader raised, persisted with the hard state.
+    repair_floor: Option<(LogIndex, Term)>,
     /// Committed entries still to apply (when applying after persistence).
     committed_entries: Vec<Entry>,
     /// The Ready's membership, checked when its entries or log start are applied.
@@ -600,6 +602,7 @@ impl Sim {
             membership: node.membership.clone(),
             applied: node.applied,
             repair_floor: if self.opts.ignore_repair_floor { None } else { node.repair_floor },
+            tail_cut: false,
         };
         let raw = match RawNode::new(cfg, restored.clone(), log) {
             Ok(raw) => raw,

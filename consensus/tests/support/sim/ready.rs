@@ -111,6 +111,7 @@ impl Sim {
             entries: rd.entries,
             hard_state: rd.hard_state,
             persisted_messages: rd.persisted_messages,
+            repair_floor: rd.repair_floor,
             committed_entries,
             membership: rd.membership,
             check_membership,
@@ -146,6 +147,13 @@ impl Sim {
         }
         if let Some(start) = &p.log_start {
             self.apply_log_start(i, start, p.membership.as_ref())?;
+        }
+        if let Some((index, term)) = p.repair_floor {
+            let node = &mut self.nodes[i];
+            let higher = node.repair_floor.is_none_or(|(i0, t0)| (term, index) > (t0, i0));
+            if higher {
+                node.repair_floor = Some((index, term));
+            }
         }
         for msg in p.persisted_messages {
             self.send(i, msg);

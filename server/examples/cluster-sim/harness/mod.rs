@@ -677,6 +677,7 @@ impl Sim {
                     Err(e) => Err(e),
                 },
                 Action::SaveHardState(hs) => live.storage.save_hard_state(hs),
+                Action::RaiseRepairFloor(floor) => live.storage.raise_repair_floor(floor),
                 Action::SaveCommit(commit) => live.storage.raise_commit(commit),
                 Action::MoveStart { old, new, change } => {
                     live.storage.move_start(&old, &new, change)
