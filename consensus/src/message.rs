@@ -148,8 +148,10 @@ pub enum MessageBody {
     /// The leader's answer to a forwarded read barrier.
     ReadIndexResp { context: u64, index: LogIndex },
     /// A node whose log damage cut below its repair floor, knowing no leader, asks any member
-    /// for the entries after its last one, `(last_index, last_term)`. Changes no one's term.
-    RepairReq { last_index: LogIndex, last_term: Term },
+    /// for the entries after its last one, `(last_index, last_term)`; only a member whose log
+    /// is at least as up to date as the floor `(floor_index, floor_term)` answers (zero: none).
+    /// Sent to a leader, it says where the node's log ends. Changes no one's term.
+    RepairReq { last_index: LogIndex, last_term: Term, floor_index: LogIndex, floor_term: Term },
     /// The answer: entries of the sender's log after `(prev_index, prev_term)`, committed or
     /// not. Changes no one's term.
     RepairResp { prev_index: LogIndex, prev_term: Term, entries: Vec<Entry> },
@@ -157,6 +159,9 @@ pub enum MessageBody {
     /// you acknowledged through `(index, term)` (so it is a floor for the follower's votes
     /// until its log is back there; [`crate::Restored::tail_cut`]).
     AckedThrough { index: LogIndex, term: Term },
+    /// The answer to a repair request whose last entry the sender has compacted: restart your
+    /// log at my log start (a committed point), then ask again. Changes no one's term.
+    RepairStart { start: LogStart },
 }
 
 /// Where a rejecting follower's log might match the leader's.
@@ -188,6 +193,7 @@ impl MessageBody {
             MessageBody::RepairReq { .. } => "RepairReq",
             MessageBody::RepairResp { .. } => "RepairResp",
             MessageBody::AckedThrough { .. } => "AckedThrough",
+            MessageBody::RepairStart { .. } => "RepairStart",
         }
     }
 
@@ -200,6 +206,7 @@ impl MessageBody {
                 | MessageBody::AppResp { .. }
                 | MessageBody::InstallLog { .. }
                 | MessageBody::RepairResp { .. }
+                | MessageBody::RepairStart { .. }
         )
     }
 }
@@ -247,9 +254,14 @@ impl std::fmt::Display for Message {
             MessageBody::ReadIndexResp { context, index } => {
                 write!(f, " context={context} index={index}")
             }
-            MessageBody::RepairReq { last_index, last_term } => {
-                write!(f, " last={last_term}/{last_index}")
+            MessageBody::RepairReq { last_index, last_term, floor_index, floor_term } => {
+                write!(f, " last={last_term}/{last_index} floor={floor_term}/{floor_index}")
             }
+            MessageBody::RepairStart { start } => write!(
+                f,
+                " first={} prev_term={} {}",
+                start.first_index, start.prev_term, start.membership
+            ),
             MessageBody::RepairResp { prev_index, prev_term, entries } => {
                 write!(f, " prev={prev_term}/{prev_index} entries={entries:?}")
             }

@@ -362,12 +362,14 @@ impl<S: LogStore> Raft<S> {
     fn request_repair(&mut self, to: Option<NodeId>) -> Result<(), Error> {
         let last_index = self.log.last_index();
         let last_term = self.log.last_term()?;
+        let (floor_term, floor_index) = self.repair_floor.unwrap_or((Term(0), LogIndex(0)));
         let targets: Vec<NodeId> = match to {
             Some(id) => vec![id],
             None => self.membership.members().into_iter().filter(|&id| id != self.id).collect(),
         };
         for id in targets {
-            self.send(id, self.term, MessageBody::RepairReq { last_index, last_term });
+            let body = MessageBody::RepairReq { last_index, last_term, floor_index, floor_term };
+            self.send(id, self.term, body);
         }
         Ok(())
     }
@@ -403,8 +405,8 @@ impl<S: LogStore> Raft<S> {
     fn handle_repair_request(
         &mut self,
         from: NodeId,
-        last_index: LogIndex,
-        last_term: Term,
+        (last_index, last_term): (LogIndex, Term),
+        floor: (Term, LogIndex),
     ) -> Result<(), Error> {
         if self.role == Role::Leader {
             // Our record of what it holds may predate its damage: start again from what it
@@ -422,7 +424,19 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
         let last = self.log.last_index();
-        if last_index >= last || !self.log.match_term(last_index, last_term)? {
+        if last_index >= last || (self.log.last_term()?, last) < floor {
+            // Only a log at least as up to date as the floor holds every entry the asker may
+            // have acknowledged (those entries, or later ones that any committed entry among
+            // them precedes): taking from a log behind it could tie the asker to a stale
+            // branch that no member can repair further.
+            return Ok(());
+        }
+        if last_index < self.log.first_index().prev() {
+            // We compacted its last entry: it restarts at our log start (committed here).
+            self.send(from, self.term, MessageBody::RepairStart { start: self.log.start() });
+            return Ok(());
+        }
+        if !self.log.match_term(last_index, last_term)? {
             return Ok(());
         }
         let next = last_index.next();
@@ -436,6 +450,25 @@ impl<S: LogStore> Raft<S> {
             MessageBody::RepairResp { prev_index: last_index, prev_term: last_term, entries };
         self.send(from, self.term, body);
         Ok(())
+    }
+
+    /// Restarts our log at a member's log start, when its log has moved past ours: the start is
+    /// committed (it compacted there), and nothing we applied is undone.
+    fn handle_repair_start(&mut self, from: NodeId, start: LogStart) -> Result<(), Error> {
+        let before = start.first_index.prev();
+        if self.leader.is_some()
+            || !self.repair_pending()?
+            || before <= self.log.committed
+            || before <= self.log.last_index()
+        {
+            return Ok(());
+        }
+        self.log.restart(start.clone());
+        self.membership = start.membership;
+        self.membership_changed = true;
+        self.log.commit_to(before);
+        self.repair_unconfirmed = None;
+        self.request_repair(Some(from))
     }
 
     /// Takes a repair answer's entries when they continue our log exactly (never replacing an
@@ -554,9 +587,11 @@ impl<S: LogStore> Raft<S> {
         self.validate(&m)?;
         // Repair traffic changes no one's term or leader: any member answers, whatever its role.
         match m.body {
-            MessageBody::RepairReq { last_index, last_term } => {
-                return self.handle_repair_request(m.from, last_index, last_term);
+            MessageBody::RepairReq { last_index, last_term, floor_index, floor_term } => {
+                let floor = (floor_term, floor_index);
+                return self.handle_repair_request(m.from, (last_index, last_term), floor);
             }
+            MessageBody::RepairStart { start } => return self.handle_repair_start(m.from, start),
             MessageBody::RepairResp { prev_index, prev_term, entries } => {
                 return self.handle_repair_response(m.from, prev_index, prev_term, &entries);
             }
@@ -589,12 +624,13 @@ impl<S: LogStore> Raft<S> {
             }
         } else if m.term < self.term {
             match m.body {
-                MessageBody::App { .. } | MessageBody::Heartbeat { .. }
-                    if self.cfg.check_quorum || self.cfg.pre_vote =>
-                {
+                MessageBody::App { .. } | MessageBody::Heartbeat { .. } => {
                     // A stale leader whose messages we would ignore might never learn that it
-                    // was deposed, and with pre-vote or check-quorum a node whose term ran ahead
-                    // could stay cut off for good. Answering in our term fixes both.
+                    // was deposed, and a node whose term ran ahead could stay cut off for good
+                    // (with pre-vote or check-quorum; and without them when its membership is
+                    // stale, so that its campaigns never reach the leader: the simulator found
+                    // a voter stuck so at term 153 under a leader of term 44). Answering in our
+                    // term fixes both, as the Raft paper's rule does.
                     self.send(
                         m.from,
                         self.term,
@@ -650,9 +686,13 @@ impl<S: LogStore> Raft<S> {
                     implausible(start.first_index.0) || implausible(commit.0)
                 }
                 MessageBody::ReadIndexResp { index, .. } => implausible(index.0),
-                MessageBody::RepairReq { last_index, last_term } => {
-                    implausible(last_index.0) || implausible(last_term.0)
+                MessageBody::RepairReq { last_index, last_term, floor_index, floor_term } => {
+                    implausible(last_index.0)
+                        || implausible(last_term.0)
+                        || implausible(floor_index.0)
+                        || implausible(floor_term.0)
                 }
+                MessageBody::RepairStart { start } => implausible(start.first_index.0),
                 MessageBody::RepairResp { prev_index, prev_term, .. } => {
                     implausible(prev_index.0) || implausible(prev_term.0)
                 }
@@ -686,7 +726,7 @@ impl<S: LogStore> Raft<S> {
             MessageBody::AckedThrough { term, .. } if *term > m.term => {
                 return invalid("acknowledged entry's term is above the message term");
             }
-            MessageBody::InstallLog { start, .. } => {
+            MessageBody::InstallLog { start, .. } | MessageBody::RepairStart { start } => {
                 if start.first_index.0 == 0 || start.prev_term > m.term {
                     return invalid("log start is malformed");
                 }

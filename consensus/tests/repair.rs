@@ -49,6 +49,9 @@ fn settle(raw: &mut RawNode<MemLog>) -> Vec<Message> {
     let mut sent = Vec::new();
     while raw.has_ready() {
         let ready = raw.ready().expect("ready");
+        if let Some(start) = ready.log_start.clone() {
+            raw.store_mut().restart(start);
+        }
         raw.store_mut().append(&ready.entries);
         sent.extend(ready.messages);
         sent.extend(ready.persisted_messages);
@@ -61,6 +64,15 @@ fn settle(raw: &mut RawNode<MemLog>) -> Vec<Message> {
 fn deliver(raw: &mut RawNode<MemLog>, m: Message) -> Vec<Message> {
     raw.step(m).expect("step");
     settle(raw)
+}
+
+fn repair_req(last_index: u64, last_term: u64) -> MessageBody {
+    MessageBody::RepairReq {
+        last_index: LogIndex(last_index),
+        last_term: Term(last_term),
+        floor_index: LogIndex(0),
+        floor_term: Term(0),
+    }
 }
 
 fn msg(from: u64, term: u64, body: MessageBody) -> Message {
@@ -172,7 +184,7 @@ fn a_leader_told_of_a_lost_log_probes_again_from_it() {
     let last = raw.status().last_index;
     deliver(&mut raw, msg(3, 3, MessageBody::AppResp { index: last, reject: None }));
     assert_eq!(raw.status().progress[&NodeId(3)].matched, last);
-    let req = MessageBody::RepairReq { last_index: LogIndex(3), last_term: Term(1) };
+    let req = repair_req(3, 1);
     let sent = deliver(&mut raw, msg(3, 3, req));
     assert_eq!(raw.status().progress[&NodeId(3)].matched, LogIndex(3));
     assert!(
@@ -293,7 +305,7 @@ fn a_leader_tells_a_follower_that_lost_entries_what_it_acknowledged() {
     deliver(&mut raw, msg(3, 3, MessageBody::AppResp { index: last, reject: None }));
     deliver(&mut raw, msg(1, 3, MessageBody::AppResp { index: last, reject: None }));
     // Node 3 says where its cut log ends.
-    let req = MessageBody::RepairReq { last_index: LogIndex(4), last_term: Term(2) };
+    let req = repair_req(4, 2);
     let sent = deliver(&mut raw, msg(3, 3, req));
     assert!(
         sent.iter().any(|m| m.to == NodeId(3)
@@ -456,4 +468,73 @@ fn a_tail_cut_after_acknowledging_loses_nothing_while_the_leader_lives() {
 fn a_tail_cut_taken_for_a_torn_write_loses_committed_records() {
     let divergence = cut_tail_after_acknowledging(false);
     assert!(divergence.is_some(), "the scenario must catch the lost records");
+}
+
+#[test]
+fn only_a_log_at_or_above_the_askers_floor_answers_a_repair_request() {
+    // Node 2 holds 2/4..2/5 (uncompacted), and answers an asker after 3.
+    let mut raw = repairing(&[entry(4, 2, "x"), entry(5, 2, "y")], None);
+    let ask = |floor_index: u64, floor_term: u64| MessageBody::RepairReq {
+        last_index: LogIndex(3),
+        last_term: Term(1),
+        floor_index: LogIndex(floor_index),
+        floor_term: Term(floor_term),
+    };
+    // Behind the asker's floor (it had 3/4): our entries would tie it to a stale branch.
+    let sent = deliver(&mut raw, msg(1, 2, ask(4, 3)));
+    assert!(sent.is_empty(), "{sent:?}");
+    // At or above it: answered.
+    let sent = deliver(&mut raw, msg(1, 2, ask(5, 2)));
+    assert!(
+        sent.iter().any(
+            |m| matches!(&m.body, MessageBody::RepairResp { entries, .. } if entries.len() == 2)
+        ),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn an_asker_whose_last_entry_a_member_compacted_restarts_at_its_log_start() {
+    // The member's side: its log starts at 6, the asker's ends at 3.
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let membership = Membership::new(voters);
+    let start = LogStart { first_index: LogIndex(6), prev_term: Term(2), membership };
+    let mut log = MemLog::new(start.clone());
+    log.append(&[entry(6, 2, "f"), entry(7, 2, "g")]);
+    let hard_state =
+        raftwal_consensus::HardState { term: Term(2), vote: None, commit: LogIndex(5) };
+    let restored = Restored {
+        hard_state,
+        membership: start.membership.clone(),
+        applied: LogIndex(5),
+        ..Restored::default()
+    };
+    let mut member = RawNode::new(Config::new(NodeId(2), 5), restored, log).expect("valid node");
+    settle(&mut member);
+    let sent = deliver(&mut member, msg(1, 2, repair_req(3, 1)));
+    let restart = sent
+        .iter()
+        .find_map(|m| match &m.body {
+            MessageBody::RepairStart { start } => Some(start.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("a log start: {sent:?}"));
+    assert_eq!(restart.first_index, LogIndex(6));
+
+    // The asker's side: node 2 below its floor restarts its log there and asks for more.
+    let mut asker = repairing(&[], Some((7, 2)));
+    let sent = deliver(&mut asker, msg(3, 2, MessageBody::RepairStart { start: restart.clone() }));
+    let s = asker.status();
+    assert_eq!((s.first_index, s.last_index, s.commit), (LogIndex(6), LogIndex(5), LogIndex(5)));
+    assert!(
+        sent.iter().any(|m| m.to == NodeId(3)
+            && matches!(m.body, MessageBody::RepairReq { last_index, .. } if last_index == LogIndex(5))),
+        "asks the same member for what follows: {sent:?}"
+    );
+    // A restart at or below what it holds changes nothing.
+    let before = asker.status().first_index;
+    let mut lower = restart;
+    lower.first_index = LogIndex(4);
+    deliver(&mut asker, msg(3, 2, MessageBody::RepairStart { start: lower }));
+    assert_eq!(asker.status().first_index, before);
 }

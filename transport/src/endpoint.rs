@@ -58,7 +58,9 @@ impl Lane {
     pub fn of(body: &MessageBody) -> Lane {
         match body {
             MessageBody::App { .. } | MessageBody::AppResp { .. } => Lane::Replication,
-            MessageBody::InstallLog { .. } | MessageBody::RepairResp { .. } => Lane::CatchUp,
+            MessageBody::InstallLog { .. }
+            | MessageBody::RepairResp { .. }
+            | MessageBody::RepairStart { .. } => Lane::CatchUp,
             _ => Lane::Control,
         }
     }

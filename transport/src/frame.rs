@@ -134,13 +134,37 @@ enum WireBody {
     TimeoutNow,
     ReadIndex { context: u64 },
     ReadIndexResp { context: u64, index: u64 },
-    RepairReq { last_index: u64, last_term: u64 },
+    RepairReq { last_index: u64, last_term: u64, floor_index: u64, floor_term: u64 },
     RepairResp { prev_index: u64, prev_term: u64, entries: Vec<WireEntry> },
     AckedThrough { index: u64, term: u64 },
+    RepairStart { first_index: u64, prev_term: u64, membership: WireMembership },
 }
 
 fn ids(set: &std::collections::BTreeSet<NodeId>) -> Vec<u64> {
     set.iter().map(|id| id.0).collect()
+}
+
+fn wire_membership(m: &Membership) -> WireMembership {
+    WireMembership {
+        voters: ids(&m.voters),
+        voters_outgoing: ids(&m.voters_outgoing),
+        learners: ids(&m.learners),
+        learners_next: ids(&m.learners_next),
+        auto_leave: m.auto_leave,
+    }
+}
+
+fn membership_from_wire(m: &ArchivedWireMembership) -> Membership {
+    let set = |v: &rkyv::vec::ArchivedVec<rkyv::rend::u64_le>| {
+        v.iter().map(|id| NodeId(id.to_native())).collect()
+    };
+    Membership {
+        voters: set(&m.voters),
+        voters_outgoing: set(&m.voters_outgoing),
+        learners: set(&m.learners),
+        learners_next: set(&m.learners_next),
+        auto_leave: m.auto_leave,
+    }
 }
 
 fn wire_entries(entries: &[Entry]) -> Vec<WireEntry> {
@@ -181,22 +205,26 @@ fn to_wire(msg: &Message) -> WireMessage {
         MessageBody::InstallLog { start, commit } => WireBody::InstallLog {
             first_index: start.first_index.0,
             prev_term: start.prev_term.0,
-            membership: WireMembership {
-                voters: ids(&start.membership.voters),
-                voters_outgoing: ids(&start.membership.voters_outgoing),
-                learners: ids(&start.membership.learners),
-                learners_next: ids(&start.membership.learners_next),
-                auto_leave: start.membership.auto_leave,
-            },
+            membership: wire_membership(&start.membership),
             commit: commit.0,
+        },
+        MessageBody::RepairStart { start } => WireBody::RepairStart {
+            first_index: start.first_index.0,
+            prev_term: start.prev_term.0,
+            membership: wire_membership(&start.membership),
         },
         MessageBody::TimeoutNow => WireBody::TimeoutNow,
         MessageBody::ReadIndex { context } => WireBody::ReadIndex { context: *context },
         MessageBody::ReadIndexResp { context, index } => {
             WireBody::ReadIndexResp { context: *context, index: index.0 }
         }
-        MessageBody::RepairReq { last_index, last_term } => {
-            WireBody::RepairReq { last_index: last_index.0, last_term: last_term.0 }
+        MessageBody::RepairReq { last_index, last_term, floor_index, floor_term } => {
+            WireBody::RepairReq {
+                last_index: last_index.0,
+                last_term: last_term.0,
+                floor_index: floor_index.0,
+                floor_term: floor_term.0,
+            }
         }
         MessageBody::AckedThrough { index, term } => {
             WireBody::AckedThrough { index: index.0, term: term.0 }
@@ -375,8 +403,13 @@ fn from_wire(
             entries: from_wire_entries(entries, &mut payloads)?,
             commit: idx(commit),
         },
-        ArchivedWireBody::RepairReq { last_index, last_term } => {
-            MessageBody::RepairReq { last_index: idx(last_index), last_term: term(last_term) }
+        ArchivedWireBody::RepairReq { last_index, last_term, floor_index, floor_term } => {
+            MessageBody::RepairReq {
+                last_index: idx(last_index),
+                last_term: term(last_term),
+                floor_index: idx(floor_index),
+                floor_term: term(floor_term),
+            }
         }
         ArchivedWireBody::AckedThrough { index, term: t } => {
             MessageBody::AckedThrough { index: idx(index), term: term(t) }
@@ -400,22 +433,22 @@ fn from_wire(
             MessageBody::HeartbeatResp { read: read.as_ref().map(|r| r.to_native()) }
         }
         ArchivedWireBody::InstallLog { first_index, prev_term, membership, commit } => {
-            let set = |v: &rkyv::vec::ArchivedVec<rkyv::rend::u64_le>| {
-                v.iter().map(|id| NodeId(id.to_native())).collect()
-            };
             MessageBody::InstallLog {
                 start: LogStart {
                     first_index: idx(first_index),
                     prev_term: term(prev_term),
-                    membership: Membership {
-                        voters: set(&membership.voters),
-                        voters_outgoing: set(&membership.voters_outgoing),
-                        learners: set(&membership.learners),
-                        learners_next: set(&membership.learners_next),
-                        auto_leave: membership.auto_leave,
-                    },
+                    membership: membership_from_wire(membership),
                 },
                 commit: idx(commit),
+            }
+        }
+        ArchivedWireBody::RepairStart { first_index, prev_term, membership } => {
+            MessageBody::RepairStart {
+                start: LogStart {
+                    first_index: idx(first_index),
+                    prev_term: term(prev_term),
+                    membership: membership_from_wire(membership),
+                },
             }
         }
         ArchivedWireBody::TimeoutNow => MessageBody::TimeoutNow,

@@ -45,7 +45,19 @@ fn seeds() -> Vec<Vec<u8>> {
             commit: LogIndex(12),
         },
         MessageBody::ReadIndexResp { context: 9, index: LogIndex(3) },
-        MessageBody::RepairReq { last_index: LogIndex(5), last_term: Term(2) },
+        MessageBody::RepairReq {
+            last_index: LogIndex(5),
+            last_term: Term(2),
+            floor_index: LogIndex(9),
+            floor_term: Term(2),
+        },
+        MessageBody::RepairStart {
+            start: raftwal_consensus::LogStart {
+                first_index: LogIndex(4),
+                prev_term: Term(1),
+                membership: raftwal_consensus::Membership::new([raftwal_consensus::NodeId(1)]),
+            },
+        },
         MessageBody::AckedThrough { index: LogIndex(5), term: Term(2) },
         MessageBody::RepairResp {
             prev_index: LogIndex(1),

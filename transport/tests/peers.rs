@@ -48,7 +48,12 @@ fn every_kind() -> Vec<MessageBody> {
         MessageBody::TimeoutNow,
         MessageBody::ReadIndex { context: 77 },
         MessageBody::ReadIndexResp { context: 77, index: LogIndex(12) },
-        MessageBody::RepairReq { last_index: LogIndex(40), last_term: Term(3) },
+        MessageBody::RepairReq {
+            last_index: LogIndex(40),
+            last_term: Term(3),
+            floor_index: LogIndex(44),
+            floor_term: Term(3),
+        },
         MessageBody::AckedThrough { index: LogIndex(40), term: Term(3) },
         MessageBody::RepairResp {
             prev_index: LogIndex(40),

@@ -89,9 +89,24 @@ fn body() -> impl Strategy<Value = MessageBody> {
         any::<u64>().prop_map(|context| MessageBody::ReadIndex { context }),
         (any::<u64>(), index())
             .prop_map(|(context, index)| MessageBody::ReadIndexResp { context, index }),
-        (index(), term())
-            .prop_map(|(last_index, last_term)| MessageBody::RepairReq { last_index, last_term }),
+        (index(), term(), index(), term()).prop_map(
+            |(last_index, last_term, floor_index, floor_term)| MessageBody::RepairReq {
+                last_index,
+                last_term,
+                floor_index,
+                floor_term
+            }
+        ),
         (index(), term()).prop_map(|(index, term)| MessageBody::AckedThrough { index, term }),
+        (index(), term(), ids(), ids()).prop_map(|(first_index, prev_term, voters, learners)| {
+            MessageBody::RepairStart {
+                start: LogStart {
+                    first_index,
+                    prev_term,
+                    membership: Membership { voters, learners, ..Membership::default() },
+                },
+            }
+        }),
         (index(), term(), prop::collection::vec(entry(), 0..8)).prop_map(
             |(prev_index, prev_term, entries)| MessageBody::RepairResp {
                 prev_index,

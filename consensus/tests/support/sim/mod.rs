@@ -520,13 +520,26 @@ impl Sim {
         } else {
             LIVENESS_ELECTION_TIMEOUTS_NO_PRE_VOTE
         };
-        let commit_deadline = self.opts.fault_steps + timeouts * u64::from(ELECTION_TICKS);
+        let bound = timeouts * u64::from(ELECTION_TICKS);
+        let mut commit_deadline = self.opts.fault_steps + bound;
         let mut step = 0;
         loop {
             self.now = step;
             step += 1;
             if self.now == self.opts.fault_steps {
                 self.enter_liveness()?;
+            }
+            if self.liveness
+                && self.live_acked.is_none()
+                && self.now < commit_deadline
+                && self.only_copy_stall().is_some()
+            {
+                // While a repairing voter's floor is above every other log, the others must
+                // elect a leader without it, nearly unanimously (split votes are likely): the
+                // bound runs from when the floor stops binding (up to three bounds more; a
+                // floor that binds for good ends the run as a stall on the only copy).
+                let latest = self.opts.fault_steps + 4 * bound;
+                commit_deadline = commit_deadline.max(self.now + bound).min(latest);
             }
             let stalled = (self.now == commit_deadline && self.live_acked.is_none())
                 || self.now >= commit_deadline + self.catch_up_steps;
