@@ -76,6 +76,11 @@ pub struct NodeConfig {
     pub api_listen: SocketAddr,
     /// HTTP address for /metrics, /livez, /readyz, /v1/status.
     pub http_listen: SocketAddr,
+    /// Address of the Durable Streams HTTP API (named streams); empty: not served. TLS like
+    /// the client API (plaintext with `client_plaintext`).
+    pub streams_listen: String,
+    /// How long a long-poll or an idle SSE read waits before answering, in milliseconds.
+    pub stream_long_poll_ms: u64,
     /// The client API address other nodes hand to clients (defaults to `api_listen`).
     pub api_advertise: String,
     /// The other founding members (`ID@PEER_ADDR@API_ADDR`).
@@ -142,6 +147,8 @@ impl NodeConfig {
             peer_listen: "127.0.0.1:7101".parse().expect("literal address"),
             api_listen: "127.0.0.1:7001".parse().expect("literal address"),
             http_listen: "127.0.0.1:7201".parse().expect("literal address"),
+            streams_listen: String::new(),
+            stream_long_poll_ms: 20_000,
             api_advertise: String::new(),
             peers: Vec::new(),
             join: false,
@@ -194,10 +201,25 @@ impl NodeConfig {
         }
     }
 
+    /// The streams API's address, if it is served.
+    pub fn streams_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.streams_listen.is_empty() {
+            return Ok(None);
+        }
+        let addr = self.streams_listen.parse().with_context(|| {
+            format!("streams_listen: {:?} is not an address (IP:PORT)", self.streams_listen)
+        })?;
+        Ok(Some(addr))
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.id == 0 {
             bail!("id: node id 0 is reserved");
+        }
+        self.streams_addr()?;
+        if self.stream_long_poll_ms == 0 || self.stream_long_poll_ms > 600_000 {
+            bail!("stream_long_poll_ms: {} is not within 1..=600000", self.stream_long_poll_ms);
         }
         let peers = self.parsed_peers()?;
         if peers.iter().any(|p| p.id.0 == self.id) {

@@ -14,6 +14,11 @@ pub const DEV_DIR: &str = "raftwal-dev";
 pub const CLUSTER_FILE: &str = "cluster.toml";
 
 /// The dev cluster's addresses for node `id` (1-based) on `host`.
+/// Node `id`'s Durable Streams HTTP address in a dev cluster.
+fn streams_port(host: &str, id: u64) -> String {
+    format!("{host}:{}", 7300 + id)
+}
+
 fn dev_ports(host: &str, id: u64) -> (String, String, String) {
     (
         format!("{host}:{}", 7000 + id),
@@ -47,9 +52,10 @@ pub fn dev_prepare(dir: &Path, host: &str, nodes: u64) -> anyhow::Result<()> {
             .collect();
         let config = format!(
             "# raftwal dev: node {id}. Edit freely; `raftwal config show --config {path}` shows the effect.\n\
-             id = {id}\ncluster_id = {cluster_id}\ndata_dir = \"{data}\"\napi_listen = \"{api}\"\npeer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\n\
+             id = {id}\ncluster_id = {cluster_id}\ndata_dir = \"{data}\"\napi_listen = \"{api}\"\npeer_listen = \"{peer}\"\nhttp_listen = \"{http}\"\nstreams_listen = \"{streams}\"\n\
              peers = [{peers}]\ntls_ca = \"{certs}/ca.pem\"\ntls_cert = \"{certs}/node-{id}.pem\"\ntls_key = \"{certs}/node-{id}.key\"\n",
             path = abs.join(format!("node-{id}.toml")).display(),
+            streams = streams_port(host, id),
             data = abs.join(format!("node-{id}")).display(),
             peers = peers.join(", "),
             certs = abs.join("certs").display(),

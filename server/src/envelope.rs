@@ -7,6 +7,7 @@
 //!                   record's bytes; `count` records (this one included) form one batch
 //!   2 ADDRESS       node id u64 | peer addr len u16 | peer addr | api addr len u16 | api addr
 //!   3 TRIM          before u64: discard the log below this index on every node
+//!   4 STREAM        a command on named streams (`core::streams`, its own encoding)
 //! ```
 //! Integers are little endian. Flags bit 0: the batch has a producer (else id and sequence are
 //! zero). Only RECORD and BATCH_HEAD entries are records; readers never see the others.
@@ -20,6 +21,7 @@ const KIND_RECORD: u8 = 0;
 const KIND_BATCH_HEAD: u8 = 1;
 const KIND_ADDRESS: u8 = 2;
 const KIND_TRIM: u8 = 3;
+const KIND_STREAM: u8 = 4;
 /// The most records one append (one batch) may hold.
 pub const BATCH_RECORDS_MAX: u64 = 10_000;
 const BATCH_HEAD_BYTES: usize = 1 + 8 + 8 + 4 + 1;
@@ -56,6 +58,8 @@ pub enum Payload {
     Address(Addresses),
     /// Discard the log below `before`.
     Trim { before: LogIndex },
+    /// A command on named streams.
+    Stream(crate::core::streams::Command),
 }
 
 /// Why an entry payload could not be decoded: the log holds bytes no node wrote.
@@ -109,6 +113,11 @@ pub fn encode_trim(before: LogIndex) -> Bytes {
     b.freeze()
 }
 
+/// Encodes a command on named streams.
+pub fn encode_stream(cmd: &crate::core::streams::Command) -> Bytes {
+    crate::core::streams::encode(KIND_STREAM, cmd)
+}
+
 /// Decodes an entry payload.
 pub fn decode(data: &Bytes) -> Result<Payload, Malformed> {
     let Some(&kind) = data.first() else {
@@ -142,6 +151,7 @@ pub fn decode(data: &Bytes) -> Result<Payload, Malformed> {
             let mut at = 1;
             Ok(Payload::Trim { before: LogIndex(take_u64(data, &mut at)?) })
         }
+        KIND_STREAM => crate::core::streams::decode(&data.slice(1..)).map(Payload::Stream),
         _ => Err(Malformed("unknown payload kind")),
     }
 }

@@ -28,6 +28,7 @@ pub mod node;
 pub mod read;
 pub mod shell;
 pub mod store;
+pub mod streams_http;
 
 pub use config::NodeConfig;
 pub use node::Node;

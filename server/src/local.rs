@@ -80,6 +80,7 @@ pub fn configs(dir: &Path, founders: u64, spare: u64) -> anyhow::Result<BTreeMap
         c.peer_listen = peer_addrs[&id];
         c.api_listen = any;
         c.http_listen = any;
+        c.streams_listen = any.to_string();
         c.peers = (1..=founders)
             .filter(|&p| p != id)
             .map(|p| format!("{p}@{}@{any}", peer_addrs[&p]))

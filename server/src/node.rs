@@ -39,6 +39,8 @@ pub struct Node {
     pub http_addr: SocketAddr,
     /// The bound peer address.
     pub peer_addr: SocketAddr,
+    /// The bound Durable Streams HTTP address, if served.
+    pub streams_addr: Option<SocketAddr>,
     driver_thread: Option<std::thread::JoinHandle<(Result<(), DriverFailure>, Transport)>>,
     shutdown: watch::Sender<bool>,
     servers: Vec<tokio::task::JoinHandle<()>>,
@@ -149,6 +151,21 @@ impl Node {
             api_listener,
             shutdown_rx.clone(),
         )?;
+        let mut servers = Vec::new();
+        let mut streams_addr = None;
+        if let Some(addr) = cfg.streams_addr()? {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve the streams API on {addr}"))?;
+            streams_addr = Some(listener.local_addr()?);
+            let api = crate::streams_http::StreamsApi::new(
+                shared.clone(),
+                driver.clone(),
+                Duration::from_millis(cfg.stream_long_poll_ms),
+                cfg.record_bytes_max,
+            );
+            servers.push(crate::streams_http::serve(api, listener, shutdown_rx.clone()));
+        }
         let http_task = http::serve(
             shared.clone(),
             http_listener,
@@ -164,16 +181,18 @@ impl Node {
             Duration::from_millis(cfg.tick_ms),
             shutdown_rx_disk,
         ));
-        tracing::info!(node = id.0, %api_addr, %http_addr, %peer_addr, "node started");
+        tracing::info!(node = id.0, %api_addr, %http_addr, %peer_addr, ?streams_addr, "node started");
+        servers.extend([inbox_task, api_task, http_task, refusal_task, disk_task]);
         Ok(Node {
             shared,
             driver,
             api_addr,
             http_addr,
             peer_addr,
+            streams_addr,
             driver_thread: Some(driver_thread),
             shutdown,
-            servers: vec![inbox_task, api_task, http_task, refusal_task, disk_task],
+            servers,
         })
     }
 
@@ -277,6 +296,8 @@ fn new_shared(id: NodeId, wal: Arc<Wal>, status: raftwal_consensus::Status) -> S
         failure: watch::Sender::new(None),
         disk_free_bytes: AtomicU64::new(u64::MAX),
         disk_low: std::sync::atomic::AtomicBool::new(false),
+        streams: RwLock::new(Default::default()),
+        streams_changed: watch::Sender::new(0),
     }
 }
 

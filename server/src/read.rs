@@ -95,3 +95,101 @@ pub fn read_page(
     }
     Ok(Page { records: out, next })
 }
+
+/// One message of a stream, known by the offset of its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMessage {
+    /// The stream offset right after it.
+    pub end: u64,
+    /// Its bytes.
+    pub data: Bytes,
+}
+
+/// The messages of `stream` whose end is beyond `from`, in order, about `bytes_max` bytes of
+/// them (at least one when there is one). A fork reads its source's messages up to its fork
+/// offset (through every level of the chain), then its own. `streams` looks a source up by
+/// name; a source of another incarnation is a bug in the state and an error here.
+pub fn read_stream(
+    wal: &Wal,
+    streams: &dyn Fn(&str) -> Option<std::sync::Arc<crate::core::streams::StreamView>>,
+    stream: &crate::core::streams::StreamView,
+    from: u64,
+    bytes_max: u64,
+) -> Result<Vec<StreamMessage>, ReadError> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    read_stream_into(wal, streams, stream, from, stream.tail, bytes_max, &mut out, &mut bytes, 0)?;
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_stream_into(
+    wal: &Wal,
+    streams: &dyn Fn(&str) -> Option<std::sync::Arc<crate::core::streams::StreamView>>,
+    stream: &crate::core::streams::StreamView,
+    from: u64,
+    limit: u64,
+    bytes_max: u64,
+    out: &mut Vec<StreamMessage>,
+    bytes: &mut u64,
+    depth: usize,
+) -> Result<(), ReadError> {
+    if depth > 1000 {
+        return Err(ReadError::Failed("a fork chain deeper than 1000 levels".into()));
+    }
+    if from < stream.base
+        && let Some((source, incarnation, _)) = &stream.fork
+    {
+        let Some(view) = streams(source) else {
+            return Err(ReadError::Failed(format!("the fork source {source} is gone")));
+        };
+        if view.incarnation != *incarnation {
+            return Err(ReadError::Failed(format!("the fork source {source} was replaced")));
+        }
+        read_stream_into(wal, streams, &view, from, stream.base, bytes_max, out, bytes, depth + 1)?;
+        if *bytes >= bytes_max {
+            return Ok(());
+        }
+    }
+    let at = stream.index.first_after(from.max(stream.base));
+    for (start, end, index) in stream.index.from(at, stream.base) {
+        if start >= limit || *bytes >= bytes_max {
+            break;
+        }
+        let records = wal.read(index..index.next(), u64::MAX).map_err(|e| {
+            ReadError::Failed(format!("read the entry of stream {} at {index}: {e}", stream.name))
+        })?;
+        let Some(rec) = records.into_iter().next() else {
+            return Err(ReadError::Failed(format!(
+                "entry {index} of stream {} is missing",
+                stream.name
+            )));
+        };
+        let entry = store::entry_of(rec).map_err(|e| ReadError::Failed(e.to_string()))?;
+        let cmd = match envelope::decode(&entry.data) {
+            Ok(envelope::Payload::Stream(cmd)) => cmd,
+            _ => {
+                return Err(ReadError::Failed(format!(
+                    "entry {index} of stream {} is not a stream command",
+                    stream.name
+                )));
+            }
+        };
+        let mut pos = start;
+        for data in crate::core::streams::messages_of(cmd) {
+            if data.is_empty() {
+                continue;
+            }
+            pos += data.len() as u64;
+            if pos > limit {
+                break;
+            }
+            if pos > from {
+                *bytes += data.len() as u64;
+                out.push(StreamMessage { end: pos, data });
+            }
+        }
+        debug_assert!(pos <= end || pos > limit);
+    }
+    Ok(())
+}

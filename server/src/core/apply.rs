@@ -50,8 +50,21 @@ impl NodeCore {
                     }
                 }
             }
+            let stream_waiter = self.waiters.take_stream(e.index, e.term);
             let applied = self.log.apply(e.index, e.kind, &e.data);
-            self.settle(applied)?;
+            let mut stream_outcome = None;
+            if let Applied::Stream(cmd) = applied {
+                stream_outcome = Some(self.streams.apply(e.index, cmd));
+            } else {
+                self.settle(applied)?;
+            }
+            if let Some((id, owns)) = stream_waiter {
+                let outcome = match stream_outcome {
+                    Some(outcome) if owns => Ok(Reply::Stream(outcome)),
+                    _ => Err(RequestError::Lost),
+                };
+                self.reply(id, outcome);
+            }
             // A trim is answered once applied here, with the log's new first index.
             if let Some((id, owns)) = self.waiters.take_trim(e.index, e.term) {
                 let outcome =
@@ -79,6 +92,7 @@ impl NodeCore {
                 self.actions.push_back(Action::Reach(a));
             }
             Applied::Trim { before } => self.apply_trim(before)?,
+            Applied::Stream(_) => unreachable!("stream commands are applied by the caller"),
         }
         Ok(())
     }

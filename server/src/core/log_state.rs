@@ -60,6 +60,8 @@ pub enum Applied {
     Address(Addresses),
     /// Discard the log below `before`.
     Trim { before: LogIndex },
+    /// A command on named streams.
+    Stream(super::streams::Command),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -204,6 +206,10 @@ impl LogState {
             Ok(Payload::Trim { before }) => {
                 let _ = self.break_open(index);
                 Applied::Trim { before }
+            }
+            Ok(Payload::Stream(cmd)) => {
+                let _ = self.break_open(index);
+                Applied::Stream(cmd)
             }
             Err(e) => {
                 // Checksums make this a bug in a node, not disk damage; never serve it.

@@ -21,6 +21,7 @@ mod apply;
 mod log_state;
 mod members;
 mod ready;
+pub mod streams;
 mod waiters;
 
 use std::collections::VecDeque;
@@ -56,6 +57,8 @@ pub enum Request {
     Trim { before: LogIndex },
     /// A read barrier: answered with the commit index a quorum confirmed.
     ReadIndex,
+    /// A command on named streams, answered with what applying it did.
+    Stream(streams::Command),
 }
 
 /// One client append.
@@ -81,7 +84,7 @@ pub struct AppendOk {
 }
 
 /// The answer to a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// An append committed.
     Appended(AppendOk),
@@ -90,6 +93,8 @@ pub enum Reply {
     Index(LogIndex),
     /// A leadership transfer started.
     Done,
+    /// A stream command applied.
+    Stream(streams::StreamOutcome),
 }
 
 /// Why the node could not do what was asked.
@@ -202,6 +207,8 @@ pub enum Action {
     PublishReadable(LogIndex),
     /// The readers' view of the state changed.
     PublishView(ReadView),
+    /// Streams changed (`None`: removed); readers of each wake.
+    PublishStreams(Vec<(String, Option<std::sync::Arc<streams::StreamView>>)>),
     /// The node's status changed (role, leader, membership) or a tick passed.
     PublishStatus(Box<Status>),
     /// A node listens at these addresses: reach it there (and tell clients).
@@ -288,6 +295,8 @@ pub struct NodeCore {
     config: CoreConfig,
     raw: RawNode<WalStore>,
     log: LogState,
+    /// Named streams, as applied from the log.
+    streams: streams::Streams,
     members: Members,
     waiters: Waiters,
     writes: Writes,
@@ -335,6 +344,7 @@ impl NodeCore {
             config,
             raw,
             log,
+            streams: streams::Streams::new(),
             members,
             waiters: Waiters::default(),
             role: Role::Follower,
@@ -509,7 +519,23 @@ impl NodeCore {
             }
             Request::Trim { before } => self.trim(id, before),
             Request::ReadIndex => self.read_index(id),
+            Request::Stream(cmd) => self.stream(id, cmd),
         }
+    }
+
+    fn stream(&mut self, id: RequestId, cmd: streams::Command) -> Result<(), Fatal> {
+        if self.role != Role::Leader {
+            self.reply(id, Err(self.not_leader()));
+            return Ok(());
+        }
+        match self.raw.propose(vec![envelope::encode_stream(&cmd)]) {
+            Ok(range) => self.waiters.add_stream(*range.start(), self.raw.term(), id),
+            Err(e) => {
+                let e = self.refusal(e)?;
+                self.reply(id, Err(e));
+            }
+        }
+        Ok(())
     }
 
     fn append(&mut self, id: RequestId, req: AppendReq) -> Result<(), Fatal> {
@@ -632,6 +658,17 @@ impl NodeCore {
     fn trim(&mut self, id: RequestId, before: LogIndex) -> Result<(), Fatal> {
         if self.role != Role::Leader {
             self.reply(id, Err(self.not_leader()));
+            return Ok(());
+        }
+        if !self.streams.is_empty() {
+            // A trim drops a prefix of the log; the streams' state and records below it would
+            // go with it (the state is rebuilt from the retained log).
+            let e = RequestError::Invalid(
+                "the log holds named streams: trimming it is not supported yet (delete the \
+                 streams first)"
+                    .into(),
+            );
+            self.reply(id, Err(e));
             return Ok(());
         }
         let readable = self.log.readable();

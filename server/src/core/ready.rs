@@ -96,6 +96,10 @@ impl NodeCore {
         if !rd.committed_entries.is_empty() {
             self.publish_view();
             self.actions.push_back(Action::PublishReadable(self.log.readable()));
+            let changed = self.streams.take_changed();
+            if !changed.is_empty() {
+                self.actions.push_back(Action::PublishStreams(changed));
+            }
         }
         if self.config.planted == Some(PlantedBug::ServeUncommitted) {
             let written = self.writes.durable_last.max(self.log.readable());
@@ -267,6 +271,10 @@ impl NodeCore {
             p.last = p.last.min(first.prev());
         }
         self.log.restart(first.prev());
+        let dropped = self.streams.clear();
+        if !dropped.is_empty() {
+            self.actions.push_back(Action::PublishStreams(dropped));
+        }
         // Entries below the new start committed on the leader; any of them may be ours.
         self.fail_all(&RequestError::Unknown(
             "this node's log restarted at the leader's start; the request may have committed"

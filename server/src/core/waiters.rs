@@ -39,6 +39,7 @@ pub(super) struct Waiters {
     pending_producers: BTreeMap<(u64, u64), LogIndex>,
     confs: HashMap<LogIndex, IndexWaiter>,
     trims: HashMap<LogIndex, IndexWaiter>,
+    streams: HashMap<LogIndex, IndexWaiter>,
     queued_conf: Option<QueuedConf>,
     /// Read barriers by context, with the tick they were asked at.
     reads: BTreeMap<u64, (u64, RequestId)>,
@@ -130,6 +131,15 @@ impl Waiters {
         self.confs.remove(&index).map(|w| (w.id, owned(w.term, term)))
     }
 
+    pub fn add_stream(&mut self, index: LogIndex, term: Term, id: RequestId) {
+        self.streams.insert(index, IndexWaiter { term, id });
+    }
+
+    /// The stream command's waiter at `index`, and whether it owns the entry of `term` there.
+    pub fn take_stream(&mut self, index: LogIndex, term: Term) -> Option<(RequestId, bool)> {
+        self.streams.remove(&index).map(|w| (w.id, owned(w.term, term)))
+    }
+
     pub fn add_trim(&mut self, index: LogIndex, term: Term, id: RequestId) {
         self.trims.insert(index, IndexWaiter { term, id });
     }
@@ -185,7 +195,8 @@ impl Waiters {
     pub fn drain_all(&mut self) -> Vec<RequestId> {
         let mut ids: Vec<RequestId> = self.appends.drain().flat_map(|(_, w)| w.ids).collect();
         self.pending_producers.clear();
-        ids.extend(self.confs.drain().chain(self.trims.drain()).map(|(_, w)| w.id));
+        let indexed = self.confs.drain().chain(self.trims.drain()).chain(self.streams.drain());
+        ids.extend(indexed.map(|(_, w)| w.id));
         ids.extend(self.queued_conf.take().map(|q| q.id));
         ids.extend(std::mem::take(&mut self.reads).into_values().map(|(_, id)| id));
         ids

@@ -78,6 +78,10 @@ pub struct Shared {
     pub disk_free_bytes: AtomicU64,
     /// The data disk is under `disk_free_min_bytes`: appends are refused here.
     pub disk_low: std::sync::atomic::AtomicBool,
+    /// Every named stream as applied here (its settings, tail and index).
+    pub streams: RwLock<HashMap<String, Arc<crate::core::streams::StreamView>>>,
+    /// Bumped whenever a stream changes: live readers wake and look at theirs.
+    pub streams_changed: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -407,6 +411,18 @@ impl Driver {
                 self.shared.readable.send_replace(index);
             }
             Action::PublishView(view) => *self.shared.view.write() = view,
+            Action::PublishStreams(changed) => {
+                {
+                    let mut streams = self.shared.streams.write();
+                    for (name, view) in changed {
+                        match view {
+                            Some(view) => streams.insert(name, view),
+                            None => streams.remove(&name),
+                        };
+                    }
+                }
+                self.shared.streams_changed.send_modify(|v| *v += 1);
+            }
             Action::PublishStatus(status) => *self.shared.status.write() = *status,
             Action::Reach(a) => {
                 self.shared.api_addrs.write().insert(a.id, a.api.clone());

@@ -706,7 +706,10 @@ impl Sim {
                     }
                     Ok(())
                 }
-                Action::Reach(_) | Action::Unreach(_) | Action::Forget(_) => Ok(()),
+                Action::Reach(_)
+                | Action::Unreach(_)
+                | Action::Forget(_)
+                | Action::PublishStreams(_) => Ok(()),
             };
             if let Err(e) = stored {
                 let line = format!("{e}");
