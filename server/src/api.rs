@@ -93,7 +93,11 @@ pub fn serve(
                 .max_decoding_message_size(message_bytes_max)
                 .max_encoding_message_size(READ_BYTES_MAX as usize + (1 << 20)),
         )
-        .add_service(AdminServer::new(api));
+        .add_service(AdminServer::new(api.clone()))
+        .add_service(
+            raftwal_client::proto::forward_server::ForwardServer::new(api)
+                .max_decoding_message_size(message_bytes_max),
+        );
     // At most `max_client_connections` open, TCP_NODELAY on each (conn_limit.rs).
     let incoming = crate::conn_limit::grpc_incoming(listener, cfg.max_client_connections as usize);
     Ok(tokio::spawn(async move {
@@ -104,6 +108,34 @@ pub fn serve(
             tracing::error!(error = %e, "the client API stopped");
         }
     }))
+}
+
+#[tonic::async_trait]
+impl raftwal_client::proto::forward_server::Forward for Api {
+    async fn stream_command(
+        &self,
+        request: Request<proto::StreamCommandRequest>,
+    ) -> Result<Response<proto::StreamCommandResponse>, Status> {
+        let data = Bytes::from(request.into_inner().command);
+        let cmd = match envelope::decode(&data) {
+            Ok(envelope::Payload::Stream(cmd)) => cmd,
+            _ => return Err(Status::invalid_argument("not a stream command")),
+        };
+        let rx = self.submit(NodeRequest::Stream(cmd))?;
+        match rx.await {
+            Ok(Ok(Reply::Stream(outcome))) => {
+                let outcome = serde_json::to_vec(&outcome)
+                    .map_err(|e| Status::internal(format!("encode the outcome: {e}")))?;
+                Ok(Response::new(proto::StreamCommandResponse { outcome }))
+            }
+            Ok(Ok(other)) => Err(unexpected(other)),
+            Ok(Err(RequestError::NotLeader { .. })) => {
+                Err(Status::failed_precondition("this node does not lead"))
+            }
+            Ok(Err(e)) => Err(status_of(&self.shared, e)),
+            Err(_) => Err(Status::unknown("the node stopped; the outcome is unknown")),
+        }
+    }
 }
 
 /// A reply of the wrong kind for its request: a bug in the node, reported, never a panic.

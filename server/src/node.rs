@@ -163,6 +163,7 @@ impl Node {
                 driver.clone(),
                 Duration::from_millis(cfg.stream_long_poll_ms),
                 cfg.record_bytes_max,
+                (!cfg.client_plaintext).then_some(&pem),
             );
             servers.push(crate::streams_http::serve(api, listener, shutdown_rx.clone()));
         }

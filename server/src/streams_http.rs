@@ -2,12 +2,13 @@
 //! forks), POST appends or closes, GET reads (catch-up, long-poll, SSE), HEAD describes,
 //! DELETE deletes. Syntax is checked here, before anything is proposed; whatever depends on a
 //! stream's state is decided when the command applies (`core::streams`), so concurrent writers
-//! are judged in log order on every node.
+//! are judged in log order on every node. A follower hands its commands to the leader (the
+//! `Forward` gRPC service, over the client API with the node's own certificate) and answers
+//! the client itself.
 //!
 //! Offsets are `%016d_%016d`: the first field is always 0, the second a byte position in the
 //! stream (docs/streams.md). Reads are linearizable: each read first passes a ReadIndex round,
-//! so a client reads its own writes on any node. Writes must reach the leader: on a follower
-//! they are answered 503 naming the leader (not forwarded yet).
+//! so a client reads its own writes on any node.
 
 // A refusal is the response itself, built once per failed request: not worth a box.
 #![allow(clippy::result_large_err)]
@@ -45,6 +46,9 @@ const DRAIN_BYTES_MAX: usize = 256 << 20;
 const CURSOR_EPOCH_MS: u64 = 1_728_432_000_000;
 const CURSOR_INTERVAL_MS: u64 = 20_000;
 
+/// How long a command forwarded to the leader may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub struct StreamsApi {
@@ -52,18 +56,98 @@ pub struct StreamsApi {
     driver: DriverHandle,
     long_poll: Duration,
     body_bytes_max: u64,
+    forward: Forwarder,
 }
 
 impl StreamsApi {
-    /// The API over a node's shared state and driver.
+    /// The API over a node's shared state and driver. `tls` (the cluster CA, this node's
+    /// certificate and key) reaches the leader's client API; `None`: it is plaintext.
     pub fn new(
         shared: Arc<Shared>,
         driver: DriverHandle,
         long_poll: Duration,
         record_bytes_max: u64,
+        tls: Option<&crate::node::TlsPem>,
     ) -> StreamsApi {
         let ceiling = crate::config::RECORD_BYTES_CEILING - COMMAND_OVERHEAD_MAX;
-        StreamsApi { shared, driver, long_poll, body_bytes_max: record_bytes_max.min(ceiling) }
+        let tls = tls.map(|pem| {
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&pem.ca))
+                .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
+        });
+        StreamsApi {
+            shared,
+            driver,
+            long_poll,
+            body_bytes_max: record_bytes_max.min(ceiling),
+            forward: Forwarder { tls, channels: Default::default() },
+        }
+    }
+}
+
+/// Hands commands to the leader's client API, one channel per address.
+#[derive(Clone, Debug)]
+struct Forwarder {
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    channels: Arc<parking_lot::Mutex<HashMap<String, tonic::transport::Channel>>>,
+}
+
+impl Forwarder {
+    fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, String> {
+        if let Some(c) = self.channels.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| format!("the leader's address {addr}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
+            endpoint = endpoint
+                .tls_config(tls.clone().domain_name(host))
+                .map_err(|e| format!("TLS to the leader at {addr}: {e}"))?;
+        }
+        let channel = endpoint.connect_lazy();
+        self.channels.lock().insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    async fn send(&self, addr: &str, cmd: &Command) -> Result<StreamOutcome, Response> {
+        let unavailable = |why: String| {
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, why);
+            set(&mut r, "retry-after", 1);
+            r
+        };
+        let channel = self.channel(addr).map_err(unavailable)?;
+        let mut client = raftwal_client::proto::forward_client::ForwardClient::new(channel)
+            .max_encoding_message_size(usize::MAX);
+        let request = raftwal_client::proto::StreamCommandRequest {
+            command: crate::envelope::encode_stream(cmd).to_vec(),
+        };
+        let reply = match tokio::time::timeout(FORWARD_TIMEOUT, client.stream_command(request))
+            .await
+        {
+            Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                return Err(unavailable("the leader changed; retry".into()));
+            }
+            Ok(Err(status)) => {
+                self.channels.lock().remove(addr);
+                return Err(unavailable(format!(
+                    "the leader at {addr} did not take the request (its outcome may be unknown): {}",
+                    status.message()
+                )));
+            }
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "the leader at {addr} did not answer in time; the outcome is unknown"
+                )));
+            }
+        };
+        serde_json::from_slice(&reply.outcome).map_err(|e| {
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("the leader's answer: {e}"))
+        })
     }
 }
 
@@ -347,14 +431,20 @@ impl StreamsApi {
         self.shared.streams.read().get(name).cloned()
     }
 
-    /// Proposes a command and waits for what applying it did.
+    /// Proposes a command (here, or at the leader) and waits for what applying it did.
     async fn command(&self, cmd: Command) -> Result<StreamOutcome, Response> {
-        let rx = self
-            .driver
-            .request(NodeRequest::Stream(cmd))
-            .map_err(|e| node_error(&self.shared, e))?;
-        match rx.await {
+        let answer = match self.driver.request(NodeRequest::Stream(cmd.clone())) {
+            Ok(rx) => rx.await,
+            Err(e) => Ok(Err(e)),
+        };
+        match answer {
             Ok(Ok(Reply::Stream(outcome))) => Ok(outcome),
+            Ok(Err(RequestError::NotLeader { leader: Some(id) })) if id != self.shared.id => {
+                let Some(addr) = self.shared.leader_addr(Some(id)) else {
+                    return Err(node_error(&self.shared, RequestError::NotLeader { leader: None }));
+                };
+                self.forward.send(&addr, &cmd).await
+            }
             Ok(Ok(other)) => Err(text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("unexpected answer from the node: {other:?}"),
@@ -513,6 +603,7 @@ impl StreamsApi {
         };
         let mut messages = Vec::new();
         if let Some(from) = forked_from {
+            self.catch_up_if_follower().await?;
             let source = match self.view(from) {
                 Some(v) if v.soft_deleted => {
                     return Err(text(StatusCode::CONFLICT, "the source stream was deleted"));
@@ -598,6 +689,14 @@ impl StreamsApi {
         self.command(cmd).await
     }
 
+    /// On a follower, waits until this node applied every write acknowledged before the
+    /// request: a write that consults the local state (a stream's JSON mode, a fork's source)
+    /// must see what the client already wrote through the leader.
+    async fn catch_up_if_follower(&self) -> Result<(), Response> {
+        let leads = self.shared.status.read().role == raftwal_consensus::Role::Leader;
+        if leads { Ok(()) } else { self.barrier().await }
+    }
+
     // ----- POST -----
 
     async fn post(&self, req: Request) -> Response {
@@ -619,6 +718,9 @@ impl StreamsApi {
             Ok(v) => v.map(str::to_string),
             Err(r) => return r,
         };
+        if let Err(r) = self.catch_up_if_follower().await {
+            return r;
+        }
         let mut messages = Vec::new();
         let mut content_type = None;
         if body.is_empty() {

@@ -63,7 +63,9 @@ impl NodeCore {
                     Some(outcome) if owns => Ok(Reply::Stream(outcome)),
                     _ => Err(RequestError::Lost),
                 };
-                self.reply(id, outcome);
+                // Answered once the readers' views of the streams are published (the end of
+                // the Ready): a client that hears of its write reads it on this node.
+                self.stream_replies.push((id, outcome));
             }
             // A trim is answered once applied here, with the log's new first index.
             if let Some((id, owns)) = self.waiters.take_trim(e.index, e.term) {

@@ -297,6 +297,8 @@ pub struct NodeCore {
     log: LogState,
     /// Named streams, as applied from the log.
     streams: streams::Streams,
+    /// Stream commands applied in this Ready, answered after the streams are published.
+    stream_replies: Vec<(RequestId, Outcome)>,
     members: Members,
     waiters: Waiters,
     writes: Writes,
@@ -345,6 +347,7 @@ impl NodeCore {
             raw,
             log,
             streams: streams::Streams::new(),
+            stream_replies: Vec::new(),
             members,
             waiters: Waiters::default(),
             role: Role::Follower,

@@ -100,6 +100,9 @@ impl NodeCore {
             if !changed.is_empty() {
                 self.actions.push_back(Action::PublishStreams(changed));
             }
+            for (id, outcome) in std::mem::take(&mut self.stream_replies) {
+                self.reply(id, outcome);
+            }
         }
         if self.config.planted == Some(PlantedBug::ServeUncommitted) {
             let written = self.writes.durable_last.max(self.log.readable());

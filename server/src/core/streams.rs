@@ -107,7 +107,7 @@ impl Command {
 }
 
 /// What a command did, for its caller. The HTTP API maps each to its status.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StreamOutcome {
     /// A new stream (201).
     Created { tail: u64, content_type: String, closed: bool },
