@@ -46,6 +46,11 @@ const DRAIN_BYTES_MAX: usize = 256 << 20;
 const CURSOR_EPOCH_MS: u64 = 1_728_432_000_000;
 const CURSOR_INTERVAL_MS: u64 = 20_000;
 
+/// Request header (raftwal's extension): the stream version an append expects.
+const EXPECTED_VERSION: &str = "raftwal-expected-version";
+/// Response header (raftwal's extension): the stream's version (messages it holds).
+const STREAM_VERSION: &str = "raftwal-stream-version";
+
 /// How long a command forwarded to the leader may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -213,13 +218,14 @@ fn common_headers(h: &mut HeaderMap) {
             "access-control-allow-headers",
             "content-type, authorization, if-none-match, Stream-Seq, Stream-TTL, \
              Stream-Expires-At, Stream-Closed, Producer-Id, Producer-Epoch, Producer-Seq, \
-             Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset",
+             Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset, \
+             Raftwal-Expected-Version",
         ),
         (
             "access-control-expose-headers",
             "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, \
              Producer-Epoch, Producer-Seq, Producer-Expected-Seq, Producer-Received-Seq, etag, \
-             content-type, content-encoding, vary, Location",
+             content-type, content-encoding, vary, Location, Raftwal-Stream-Version",
         ),
     ];
     for (name, value) in fixed {
@@ -718,6 +724,16 @@ impl StreamsApi {
             Ok(v) => v.map(str::to_string),
             Err(r) => return r,
         };
+        // raftwal's extension for optimistic concurrency on one stream: the number of messages
+        // the stream must hold before this append.
+        let expected_version = match header_str(&h, EXPECTED_VERSION) {
+            Ok(None) => None,
+            Ok(Some(v)) => match strict_u64(v) {
+                Some(v) => Some(v),
+                None => return text(StatusCode::BAD_REQUEST, format!("bad {EXPECTED_VERSION}")),
+            },
+            Err(r) => return r,
+        };
         if let Err(r) = self.catch_up_if_follower().await {
             return r;
         }
@@ -761,7 +777,7 @@ impl StreamsApi {
             close,
             producer: producer.clone(),
             stream_seq,
-            expected_version: None,
+            expected_version,
         };
         match self.command(cmd).await {
             Ok(outcome) => append_response(outcome, producer.as_ref(), close_only),
@@ -1152,7 +1168,7 @@ fn append_response(
     close_only: bool,
 ) -> Response {
     match outcome {
-        StreamOutcome::Appended { tail, closed, .. } => {
+        StreamOutcome::Appended { tail, closed, version } => {
             let status = if producer.is_some() && !close_only {
                 StatusCode::OK
             } else {
@@ -1160,6 +1176,7 @@ fn append_response(
             };
             let mut r = empty(status);
             set(&mut r, "stream-next-offset", offset(tail));
+            set(&mut r, STREAM_VERSION, version);
             if closed {
                 set(&mut r, "stream-closed", "true");
             }
@@ -1195,7 +1212,12 @@ fn outcome_error(outcome: StreamOutcome) -> Response {
         }
         StreamOutcome::Conflict(why) => text(StatusCode::CONFLICT, why),
         StreamOutcome::VersionMismatch { version } => {
-            text(StatusCode::CONFLICT, format!("the stream's version is {version}"))
+            let mut r = text(
+                StatusCode::CONFLICT,
+                format!("the stream's version is {version}, not the one expected"),
+            );
+            set(&mut r, STREAM_VERSION, version);
+            r
         }
         StreamOutcome::StaleEpoch { epoch } => {
             let mut r = text(
@@ -1224,6 +1246,7 @@ fn head_response(view: &StreamView) -> Response {
     set(&mut r, "content-type", &view.content_type);
     set(&mut r, "stream-next-offset", offset(view.tail));
     set(&mut r, "cache-control", "no-store");
+    set(&mut r, STREAM_VERSION, view.version);
     if view.closed {
         set(&mut r, "stream-closed", "true");
     }
