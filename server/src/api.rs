@@ -121,6 +121,10 @@ impl raftwal_client::proto::forward_server::Forward for Api {
             Ok(envelope::Payload::Stream(cmd)) => cmd,
             _ => return Err(Status::invalid_argument("not a stream command")),
         };
+        // Whoever sent it, it must be a command this node's own API could have built: the log
+        // entry must fit (else the WAL would refuse it and stop the node).
+        let messages_max = crate::streams_http::messages_bytes_max(self.limits.record_bytes_max);
+        cmd.check(messages_max).map_err(Status::invalid_argument)?;
         let rx = self.submit(NodeRequest::Stream(cmd))?;
         match rx.await {
             Ok(Ok(Reply::Stream(outcome))) => {

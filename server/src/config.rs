@@ -76,8 +76,8 @@ pub struct NodeConfig {
     pub api_listen: SocketAddr,
     /// HTTP address for /metrics, /livez, /readyz, /v1/status.
     pub http_listen: SocketAddr,
-    /// Address of the Durable Streams HTTP API (named streams); empty: not served. TLS like
-    /// the client API (plaintext with `client_plaintext`).
+    /// Address of the Durable Streams HTTP API (named streams, docs/streams.md); empty: not
+    /// served. Plain HTTP: TLS on this port is not built yet.
     pub streams_listen: String,
     /// How long a long-poll or an idle SSE read waits before answering, in milliseconds.
     pub stream_long_poll_ms: u64,

@@ -136,7 +136,8 @@ pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
         let (api, _, http) = dev_ports(host, id);
         let pid = children[(id - 1) as usize].1.id().unwrap_or(0);
         println!(
-            "  node {id}: api https://{api}  metrics http://{http}/metrics  pid {pid}  log {shown}/node-{id}.log"
+            "  node {id}: api https://{api}  streams http://{}  metrics http://{http}/metrics  pid {pid}  log {shown}/node-{id}.log",
+            streams_port(host, id)
         );
     }
     println!(
@@ -155,6 +156,7 @@ fn check_ports_free(host: &str, nodes: u64) -> anyhow::Result<()> {
         let (api, peer, http) = dev_ports(host, id);
         let free = std::net::TcpListener::bind(&api).is_ok()
             && std::net::TcpListener::bind(&http).is_ok()
+            && std::net::TcpListener::bind(streams_port(host, id)).is_ok()
             && std::net::UdpSocket::bind(&peer).is_ok();
         if !free {
             bail!(

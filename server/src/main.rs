@@ -89,7 +89,8 @@ enum Command {
         #[arg(long, default_value = dev::DEV_DIR)]
         dir: PathBuf,
         /// The loopback address the nodes listen on (ports 7001-7003 for clients, 7101-7103
-        /// for peers, 7201-7203 for HTTP). Fixed by the first run: the configs remember it.
+        /// for peers, 7201-7203 for HTTP, 7301-7303 for streams). Fixed by the first run: the
+        /// configs remember it.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
     },

@@ -36,8 +36,6 @@ use crate::shell::{DriverHandle, Shared};
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes one catch-up response carries at most (whole messages; at least one).
 const READ_BYTES_MAX: u64 = 8 << 20;
-/// Longest header value kept in a command (names, producer ids, Stream-Seq, content types).
-const HEADER_BYTES_MAX: usize = 1024;
 /// Room a command's own fields take in its log entry, besides the body.
 const COMMAND_OVERHEAD_MAX: u64 = 8 << 10;
 /// A body over the limit is still read (and dropped) up to this many bytes before the refusal.
@@ -74,7 +72,6 @@ impl StreamsApi {
         record_bytes_max: u64,
         tls: Option<&crate::node::TlsPem>,
     ) -> StreamsApi {
-        let ceiling = crate::config::RECORD_BYTES_CEILING - COMMAND_OVERHEAD_MAX;
         let tls = tls.map(|pem| {
             tonic::transport::ClientTlsConfig::new()
                 .ca_certificate(tonic::transport::Certificate::from_pem(&pem.ca))
@@ -84,10 +81,16 @@ impl StreamsApi {
             shared,
             driver,
             long_poll,
-            body_bytes_max: record_bytes_max.min(ceiling),
+            body_bytes_max: messages_bytes_max(record_bytes_max),
             forward: Forwarder { tls, channels: Default::default() },
         }
     }
+}
+
+/// The most message bytes one stream command carries: a log entry holds them and the
+/// command's other fields.
+pub fn messages_bytes_max(record_bytes_max: u64) -> u64 {
+    record_bytes_max.min(crate::config::RECORD_BYTES_CEILING - COMMAND_OVERHEAD_MAX)
 }
 
 /// Hands commands to the leader's client API, one channel per address.
@@ -260,7 +263,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Respo
     match h.get(name) {
         None => Ok(None),
         Some(v) => match v.to_str() {
-            Ok(s) if s.len() <= HEADER_BYTES_MAX => Ok(Some(s)),
+            Ok(s) if s.len() <= streams::FIELD_BYTES_MAX => Ok(Some(s)),
             _ => Err(text(StatusCode::BAD_REQUEST, format!("bad {name} header"))),
         },
     }
@@ -439,6 +442,9 @@ impl StreamsApi {
 
     /// Proposes a command (here, or at the leader) and waits for what applying it did.
     async fn command(&self, cmd: Command) -> Result<StreamOutcome, Response> {
+        if let Err(why) = cmd.check(self.body_bytes_max) {
+            return Err(text(StatusCode::BAD_REQUEST, why));
+        }
         let answer = match self.driver.request(NodeRequest::Stream(cmd.clone())) {
             Ok(rx) => rx.await,
             Err(e) => Ok(Err(e)),
@@ -690,6 +696,14 @@ impl StreamsApi {
             } else {
                 messages.push(body);
             }
+        }
+        let total: u64 = messages.iter().map(|m| m.len() as u64).sum();
+        if total > self.body_bytes_max {
+            // A sub-offset prefix and the body together must still fit one log entry.
+            return Err(text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the fork's first messages are over {} bytes", self.body_bytes_max),
+            ));
         }
         let cmd = Command::Create { name: name.to_string(), now_ms: now_ms(), spec, messages };
         self.command(cmd).await

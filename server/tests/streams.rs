@@ -256,3 +256,51 @@ async fn streams_survive_a_restart_of_every_node() {
     }
     c.shutdown().await;
 }
+
+/// The node-to-node forwarding service is reachable by anyone who reaches the client API: a
+/// command no node's API would build (an entry too large for the log, a name too long, bytes
+/// that are no command) is refused there, and the node goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_commands_are_checked_like_the_nodes_own() {
+    use raftwal_client::proto::StreamCommandRequest;
+    use raftwal_client::proto::forward_client::ForwardClient;
+    use raftwal_server::core::streams::{Command, CreateSpec};
+
+    let c = Cluster::start(3, 0).await;
+    let leader = c.leader().await;
+    let api = c.configs[&leader].api_listen;
+    let mut client = ForwardClient::connect(format!("http://{api}"))
+        .await
+        .expect("connect")
+        .max_encoding_message_size(usize::MAX);
+    let create = |name: String, body: usize| Command::Create {
+        name,
+        now_ms: 1,
+        spec: CreateSpec {
+            content_type: "text/plain".into(),
+            ttl_secs: None,
+            expires_at: None,
+            closed: false,
+            fork: None,
+        },
+        messages: vec![bytes::Bytes::from(vec![b'x'; body])],
+    };
+    let bad = [
+        raftwal_server::envelope::encode_stream(&create("/big".into(), 9 << 20)).to_vec(),
+        raftwal_server::envelope::encode_stream(&create("n".repeat(5000), 1)).to_vec(),
+        vec![4, 9, 9, 9],
+        vec![0, 1, 2],
+    ];
+    for command in bad {
+        let len = command.len();
+        let err =
+            client.stream_command(StreamCommandRequest { command }).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{len} bytes: {err:?}");
+    }
+    // The node is alive and serves a good command.
+    let good = raftwal_server::envelope::encode_stream(&create("/ok".into(), 3)).to_vec();
+    let reply = client.stream_command(StreamCommandRequest { command: good }).await;
+    assert!(reply.is_ok(), "{reply:?}");
+    assert_eq!(http(streams_addr(&c, leader), "GET", "/ok", &[], b"").await.body, b"xxx");
+    c.shutdown().await;
+}

@@ -94,7 +94,54 @@ pub enum Command {
     Touch { name: String, now_ms: u64 },
 }
 
+/// The longest string field a command may carry besides its messages (content types, producer
+/// ids, `Stream-Seq`, expiry strings, a fork's source).
+pub const FIELD_BYTES_MAX: usize = 1024;
+
 impl Command {
+    /// Refuses a command no node's API builds: fields over their bounds, or messages that
+    /// together exceed `messages_max` bytes (a log entry must hold them). Checked before
+    /// anything is proposed, wherever a command comes from.
+    pub fn check(&self, messages_max: u64) -> Result<(), String> {
+        let field = |what: &str, s: &str| {
+            if s.len() > FIELD_BYTES_MAX {
+                Err(format!("{what} is over {FIELD_BYTES_MAX} bytes"))
+            } else {
+                Ok(())
+            }
+        };
+        if self.name().is_empty() || self.name().len() > NAME_BYTES_MAX {
+            return Err(format!("a stream name has 1 to {NAME_BYTES_MAX} bytes"));
+        }
+        let messages = match self {
+            Command::Create { spec, messages, .. } => {
+                field("the content type", &spec.content_type)?;
+                if let Some((s, _)) = &spec.expires_at {
+                    field("the expiry", s)?;
+                }
+                if let Some(f) = &spec.fork {
+                    field("the fork's source", &f.from)?;
+                }
+                messages
+            }
+            Command::Append { content_type, producer, stream_seq, messages, .. } => {
+                field("the content type", content_type.as_deref().unwrap_or(""))?;
+                field("the producer id", producer.as_ref().map_or("", |p| p.id.as_str()))?;
+                field("the Stream-Seq", stream_seq.as_deref().unwrap_or(""))?;
+                messages
+            }
+            Command::Delete { .. } | Command::Touch { .. } => return Ok(()),
+        };
+        if messages.len() > 2 {
+            return Err("a command carries at most two messages".into());
+        }
+        let bytes: u64 = messages.iter().map(|m| m.len() as u64).sum();
+        if bytes > messages_max {
+            return Err(format!("the messages are over {messages_max} bytes"));
+        }
+        Ok(())
+    }
+
     /// The stream the command is about.
     pub fn name(&self) -> &str {
         match self {
