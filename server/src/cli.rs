@@ -1,7 +1,6 @@
 //! The client subcommands of `raftwal`. Without endpoint flags they talk to the dev cluster
 //! started from the current directory (`raftwal-dev/cluster.toml`).
 
-use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -206,33 +205,136 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `raftwal append`: the records given, or one per line of standard input.
+/// Records one append from standard input carries at most (the server's limit per append).
+const STDIN_BATCH_RECORDS: usize = raftwal_server::envelope::BATCH_RECORDS_MAX as usize;
+/// Record bytes one append from standard input carries at most (well under the server's
+/// default `request_bytes_max`, 16 MiB).
+const STDIN_BATCH_BYTES: usize = 4 << 20;
+
+/// `raftwal append`: the records given (one append: all or nothing), or one record per line of
+/// standard input, of any length: batches within the server's limits, pipelined, each batch
+/// all or nothing and never applied twice (the client's producer sequence makes retries
+/// safe); a progress line on a terminal and a summary at the end.
 async fn append(
     client: Client,
     records: Vec<String>,
     expect_offset: Option<u64>,
 ) -> anyhow::Result<()> {
-    let records: Vec<Vec<u8>> = if records.is_empty() {
-        let mut out = Vec::new();
-        for line in std::io::stdin().lock().lines() {
-            out.push(line?.into_bytes());
-        }
-        out
-    } else {
-        records.into_iter().map(String::into_bytes).collect()
-    };
-    if records.is_empty() {
-        bail!("nothing to append");
-    }
     let options = AppendOptions { expected_next_offset: expect_offset.map(Offset) };
-    let a = client.append_with(records, options).await?;
-    crate::outln!(
-        "appended offsets {}..={}{}",
-        a.first_offset,
-        a.last_offset,
-        if a.duplicate { " (a retry of an earlier append)" } else { "" }
-    );
-    Ok(())
+    if !records.is_empty() {
+        let records: Vec<Vec<u8>> = records.into_iter().map(String::into_bytes).collect();
+        let a = client.append_with(records, options).await?;
+        crate::outln!(
+            "appended offsets {}..={}{}",
+            a.first_offset,
+            a.last_offset,
+            if a.duplicate { " (a retry of an earlier append)" } else { "" }
+        );
+        return Ok(());
+    }
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut first_batch = true;
+    let appender = client.appender(raftwal_client::AppenderConfig::default())?;
+    let mut tickets = std::collections::VecDeque::new();
+    let mut progress = Progress::new();
+    loop {
+        let line = lines.next_line().await?;
+        let full = batch.len() >= STDIN_BATCH_RECORDS || batch_bytes >= STDIN_BATCH_BYTES;
+        if (line.is_none() || full) && !batch.is_empty() {
+            let records = std::mem::take(&mut batch);
+            let n = records.len();
+            batch_bytes = 0;
+            if first_batch && line.is_none() {
+                // All of it fits one append: all or nothing, as with records on the command line.
+                let a = client.append_with(records, options).await?;
+                progress.done(n, a.first_offset.get(), a.last_offset.get());
+                break;
+            }
+            if first_batch && expect_offset.is_some() {
+                bail!(
+                    "--expect-offset takes input that fits one append ({STDIN_BATCH_RECORDS} \
+                     records, {} MiB); this input is larger",
+                    STDIN_BATCH_BYTES >> 20
+                );
+            }
+            first_batch = false;
+            tickets.push_back((n, appender.send(records).await?));
+            // The appender's window bounds what is in flight; the oldest outcomes are taken
+            // as new batches go out.
+            while tickets.len() > raftwal_client::AppenderConfig::default().window as usize {
+                let (n, t) = tickets.pop_front().expect("checked");
+                let a = t.await?;
+                progress.done(n, a.first_offset.get(), a.last_offset.get());
+            }
+        }
+        let Some(line) = line else { break };
+        batch_bytes += line.len();
+        batch.push(line.into_bytes());
+    }
+    while let Some((n, t)) = tickets.pop_front() {
+        let a = t.await?;
+        progress.done(n, a.first_offset.get(), a.last_offset.get());
+    }
+    appender.close().await?;
+    progress.finish()
+}
+
+/// Counts what a long append did; a progress line on a terminal.
+struct Progress {
+    started: std::time::Instant,
+    shown: std::time::Instant,
+    records: u64,
+    batches: u64,
+    first: Option<u64>,
+    last: u64,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal as _;
+        let now = std::time::Instant::now();
+        Progress {
+            started: now,
+            shown: now,
+            records: 0,
+            batches: 0,
+            first: None,
+            last: 0,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn done(&mut self, records: usize, first: u64, last: u64) {
+        self.records += records as u64;
+        self.batches += 1;
+        self.first = Some(self.first.map_or(first, |f| f.min(first)));
+        self.last = self.last.max(last);
+        if self.terminal && self.shown.elapsed() >= std::time::Duration::from_millis(250) {
+            self.shown = std::time::Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+            eprint!("\rappended {} records ({:.0}/s)", self.records, self.records as f64 / secs);
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        if self.terminal && self.batches > 1 {
+            eprintln!();
+        }
+        let Some(first) = self.first else { bail!("nothing to append") };
+        let secs = self.started.elapsed().as_secs_f64();
+        crate::outln!(
+            "appended {} records in {} append{} (offsets {first}..={}) in {secs:.1} s",
+            self.records,
+            self.batches,
+            if self.batches == 1 { "" } else { "s" },
+            self.last
+        );
+        Ok(())
+    }
 }
 
 /// `raftwal follow`: prints records until ctrl-c or the end of the stream.
