@@ -6,7 +6,7 @@
 //! costs into fallocated vs pre-written blocks), `transport` (append messages between two
 //! endpoints against a plain quinn stream), `append`/`follow`/`mixed` (a cluster under load
 //! through the real client), `etcd` (the same put load against etcd, for
-//! `bench/compare-etcd.sh`).
+//! `bench/compare-etcd.sh`), `streams` (the streams HTTP API over many streams, and a restart).
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +16,7 @@ mod etcd;
 mod fsync;
 mod latency;
 mod load;
+mod streams;
 mod transport;
 mod wal;
 
@@ -46,6 +47,8 @@ enum Mode {
     Etcd(etcd::Args),
     /// A follower restarted far behind, and a learner added to the same log: catch-up speed.
     CatchUp(catch_up::Args),
+    /// Appends over the streams HTTP API to 1, 100, 10,000 streams; restart with many streams.
+    Streams(streams::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +59,10 @@ fn main() -> anyhow::Result<()> {
         Mode::Append(args) => run_load(load::Mode::Append, &args),
         Mode::Follow(args) => run_load(load::Mode::Follow, &args),
         Mode::Mixed(args) => run_load(load::Mode::Mixed, &args),
+        Mode::Streams(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(streams::run(&args))
+        }
         Mode::CatchUp(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(catch_up::run(&args))
