@@ -77,7 +77,7 @@ pub struct NodeConfig {
     /// HTTP address for /metrics, /livez, /readyz, /v1/status.
     pub http_listen: SocketAddr,
     /// Address of the Durable Streams HTTP API (named streams, docs/streams.md); empty: not
-    /// served. Plain HTTP: TLS on this port is not built yet.
+    /// served. TLS like the client API (plain HTTP with `client_plaintext`).
     pub streams_listen: String,
     /// How long a long-poll or an idle SSE read waits before answering, in milliseconds.
     pub stream_long_poll_ms: u64,

@@ -136,7 +136,7 @@ pub async fn dev(dir: PathBuf, host: &str, nodes: u64) -> anyhow::Result<()> {
         let (api, _, http) = dev_ports(host, id);
         let pid = children[(id - 1) as usize].1.id().unwrap_or(0);
         println!(
-            "  node {id}: api https://{api}  streams http://{}  metrics http://{http}/metrics  pid {pid}  log {shown}/node-{id}.log",
+            "  node {id}: api https://{api}  streams https://{}  metrics http://{http}/metrics  pid {pid}  log {shown}/node-{id}.log",
             streams_port(host, id)
         );
     }

@@ -165,7 +165,12 @@ impl Node {
                 cfg.record_bytes_max,
                 (!cfg.client_plaintext).then_some(&pem),
             );
-            servers.push(crate::streams_http::serve(api, listener, shutdown_rx.clone()));
+            let tls = if cfg.client_plaintext {
+                None
+            } else {
+                Some(crate::streams_http::tls_config(&pem, cfg.client_auth)?)
+            };
+            servers.push(crate::streams_http::serve(api, listener, tls, shutdown_rx.clone()));
         }
         let http_task = http::serve(
             shared.clone(),

@@ -6,6 +6,9 @@
 //! `Forward` gRPC service, over the client API with the node's own certificate) and answers
 //! the client itself.
 //!
+//! The port is TLS (the node's certificate; client certificates of the cluster CA when
+//! `client_auth`) unless `client_plaintext`, like the client API.
+//!
 //! Offsets are `%016d_%016d`: the first field is always 0, the second a byte position in the
 //! stream (docs/streams.md). Reads are linearizable: each read first passes a ReadIndex round,
 //! so a client reads its own writes on any node.
@@ -159,10 +162,11 @@ impl Forwarder {
     }
 }
 
-/// Serves the streams API on `listener` until `shutdown`.
+/// Serves the streams API on `listener` until `shutdown`: over TLS with `tls`, else plain.
 pub fn serve(
     api: StreamsApi,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new().fallback(handle).with_state(api);
@@ -170,10 +174,118 @@ pub fn serve(
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        let served = match tls {
+            None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+            Some(tls) => {
+                let listener = TlsListener::start(listener, tls);
+                axum::serve(listener, app).with_graceful_shutdown(stop).await
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "the streams HTTP server failed");
         }
     })
+}
+
+/// The streams port's TLS settings, from the node's certificate and key: TLS 1.3, HTTP/1.1,
+/// and client certificates of the cluster CA required when `client_auth` is.
+pub fn tls_config(
+    pem: &crate::node::TlsPem,
+    client_auth: bool,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(pem.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the node certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).context("the node key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS versions")?;
+    let builder = if client_auth {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(pem.ca.as_bytes()) {
+            roots.add(ca.context("the CA certificate")?).context("the CA certificate")?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("client certificate verification")?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config =
+        builder.with_single_cert(certs, key).context("the node certificate and key")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections and hands over those whose TLS handshake completed; handshakes run
+/// on their own tasks, so a slow client never holds up the others.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+    _acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn start(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>) -> TlsListener {
+        let local = listener.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %e, "streams API: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "streams API: TLS refused")
+                        }
+                        Err(_) => tracing::debug!(%peer, "streams API: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { ready, local, _acceptor: task }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 async fn handle(State(api): State<StreamsApi>, req: Request) -> Response {

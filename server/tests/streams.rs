@@ -304,3 +304,80 @@ async fn forwarded_commands_are_checked_like_the_nodes_own() {
     assert_eq!(http(streams_addr(&c, leader), "GET", "/ok", &[], b"").await.body, b"xxx");
     c.shutdown().await;
 }
+
+/// One request over TLS, trusting the cluster CA in `ca`.
+async fn https(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp, std::io::Error> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("the CA file") {
+        roots.add(cert.expect("a CA certificate")).expect("add the CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("a name");
+    let mut conn = connector.connect(name, tcp).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    conn.write_all(req.as_bytes()).await?;
+    conn.write_all(body).await?;
+    let mut raw = Vec::new();
+    // A TLS peer may close without close_notify after `connection: close`: keep what came.
+    let _ = conn.read_to_end(&mut raw).await;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok());
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
+        body = dechunk(&body);
+    }
+    Ok(Resp { status: status.expect("a status"), headers, body })
+}
+
+/// Without `client_plaintext` the streams port is TLS, like the client API, and a follower's
+/// writes reach the leader over TLS too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_streams_port_is_tls_unless_the_client_api_is_plaintext() {
+    let c = Cluster::start_with(3, 0, |_, cfg| cfg.client_plaintext = false).await;
+    let ca = c.certs_dir().join("ca.pem");
+    let (leader, follower) = leader_and_follower(&c).await;
+    let r = https(follower, &ca, "PUT", "/secure", &[TEXT], b"sealed").await.expect("https");
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = https(leader, &ca, "GET", "/secure", &[], b"").await.expect("https");
+    assert_eq!(r.body, b"sealed");
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(leader),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let mut plain = plain;
+    plain.write_all(b"GET /secure HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+    let mut buf = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), plain.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("sealed"), "no plaintext answer");
+    c.shutdown().await;
+}
