@@ -169,8 +169,10 @@ pub fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let sweeper = tokio::spawn(sweep_expired(api.clone()));
     let app = Router::new().fallback(handle).with_state(api);
     tokio::spawn(async move {
+        let _sweeper = AbortOnDrop(sweeper);
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
@@ -185,6 +187,49 @@ pub fn serve(
             tracing::error!(error = %e, "the streams HTTP server failed");
         }
     })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Streams whose expiry no command has touched would stay in memory for good: the leader
+/// looks for them once a second and proposes their expiry (applied only if they have expired
+/// by the command's time, so a stream touched meanwhile stays).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Expiries proposed per sweep at most.
+const SWEEP_MAX: usize = 1000;
+
+async fn sweep_expired(api: StreamsApi) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        if api.shared.status.read().role != raftwal_consensus::Role::Leader {
+            continue;
+        }
+        let now = now_ms();
+        let expired: Vec<String> = api
+            .shared
+            .streams
+            .read()
+            .values()
+            .filter(|v| !v.soft_deleted && v.expired(now))
+            .take(SWEEP_MAX)
+            .map(|v| v.name.clone())
+            .collect();
+        for name in expired {
+            // Not forwarded: only the leader sweeps; a refusal waits for the next sweep.
+            if let Ok(rx) =
+                api.driver.request(NodeRequest::Stream(Command::Expire { name, now_ms: now }))
+            {
+                let _ = rx.await;
+            }
+        }
+    }
 }
 
 /// The streams port's TLS settings, from the node's certificate and key: TLS 1.3, HTTP/1.1,

@@ -381,3 +381,30 @@ async fn the_streams_port_is_tls_unless_the_client_api_is_plaintext() {
     assert!(!String::from_utf8_lossy(&buf).contains("sealed"), "no plaintext answer");
     c.shutdown().await;
 }
+
+/// An expired stream nobody touches again is swept by the leader: every node forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_stream_is_swept_from_every_node() {
+    let c = Cluster::start(3, 0).await;
+    let (leader, _) = leader_and_follower(&c).await;
+    let r = http(leader, "PUT", "/ephemeral", &[TEXT, ("stream-ttl", "2")], b"x").await;
+    assert_eq!(r.status, 201);
+    let known = |c: &Cluster| {
+        (1..=3).filter(|id| c.nodes[id].shared.streams.read().contains_key("/ephemeral")).count()
+    };
+    for _ in 0..100 {
+        if known(&c) == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(known(&c), 3, "every node applied the create");
+    for _ in 0..100 {
+        if known(&c) == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(known(&c), 0, "swept within 10 s of a 2 s time to live");
+    c.shutdown().await;
+}

@@ -92,6 +92,8 @@ pub enum Command {
     Delete { name: String, now_ms: u64 },
     /// A read refreshed a sliding time to live.
     Touch { name: String, now_ms: u64 },
+    /// Remove the stream if it has expired by `now_ms` (the leader's sweep; else nothing).
+    Expire { name: String, now_ms: u64 },
 }
 
 /// The longest string field a command may carry besides its messages (content types, producer
@@ -130,7 +132,9 @@ impl Command {
                 field("the Stream-Seq", stream_seq.as_deref().unwrap_or(""))?;
                 messages
             }
-            Command::Delete { .. } | Command::Touch { .. } => return Ok(()),
+            Command::Delete { .. } | Command::Touch { .. } | Command::Expire { .. } => {
+                return Ok(());
+            }
         };
         if messages.len() > 2 {
             return Err("a command carries at most two messages".into());
@@ -148,7 +152,8 @@ impl Command {
             Command::Create { name, .. }
             | Command::Append { name, .. }
             | Command::Delete { name, .. }
-            | Command::Touch { name, .. } => name,
+            | Command::Touch { name, .. }
+            | Command::Expire { name, .. } => name,
         }
     }
 }
@@ -355,11 +360,13 @@ impl Streams {
             Command::Create { now_ms, .. }
             | Command::Append { now_ms, .. }
             | Command::Delete { now_ms, .. }
-            | Command::Touch { now_ms, .. } => *now_ms,
+            | Command::Touch { now_ms, .. }
+            | Command::Expire { now_ms, .. } => *now_ms,
         };
         self.now_ms = self.now_ms.max(now);
         let now = self.now_ms;
         let name = cmd.name().to_string();
+        let existed = self.by_name.get(&name).is_some_and(|s| !s.view.soft_deleted);
         self.expire(&name, now);
         match cmd {
             Command::Create { name, spec, messages, .. } => {
@@ -388,6 +395,10 @@ impl Streams {
                 },
             ),
             Command::Delete { name, .. } => self.delete(&name),
+            Command::Expire { name, .. } => {
+                let gone = self.by_name.get(&name).is_none_or(|s| s.view.soft_deleted);
+                if existed && gone { StreamOutcome::Deleted } else { StreamOutcome::NotFound }
+            }
             Command::Touch { name, .. } => match self.by_name.get_mut(&name) {
                 Some(s) if !s.view.soft_deleted => {
                     s.view.last_access_ms = now;
@@ -664,6 +675,7 @@ const CMD_CREATE: u8 = 1;
 const CMD_APPEND: u8 = 2;
 const CMD_DELETE: u8 = 3;
 const CMD_TOUCH: u8 = 4;
+const CMD_EXPIRE: u8 = 5;
 
 /// Encodes a command after the envelope's kind byte.
 pub fn encode(kind: u8, cmd: &Command) -> Bytes {
@@ -736,6 +748,11 @@ pub fn encode(kind: u8, cmd: &Command) -> Bytes {
             put_str(&mut b, name);
             b.put_u64_le(*now_ms);
         }
+        Command::Expire { name, now_ms } => {
+            b.put_u8(CMD_EXPIRE);
+            put_str(&mut b, name);
+            b.put_u64_le(*now_ms);
+        }
     }
     b.freeze()
 }
@@ -792,6 +809,7 @@ pub fn decode(data: &Bytes) -> Result<Command, Malformed> {
         }
         CMD_DELETE => Command::Delete { name: r.str()?, now_ms: r.u64()? },
         CMD_TOUCH => Command::Touch { name: r.str()?, now_ms: r.u64()? },
+        CMD_EXPIRE => Command::Expire { name: r.str()?, now_ms: r.u64()? },
         _ => return Err(Malformed("unknown stream command")),
     };
     if r.at != data.len() {
@@ -804,7 +822,7 @@ pub fn decode(data: &Bytes) -> Result<Command, Malformed> {
 pub fn messages_of(cmd: Command) -> Vec<Bytes> {
     match cmd {
         Command::Create { messages, .. } | Command::Append { messages, .. } => messages,
-        Command::Delete { .. } | Command::Touch { .. } => Vec::new(),
+        Command::Delete { .. } | Command::Touch { .. } | Command::Expire { .. } => Vec::new(),
     }
 }
 
@@ -937,6 +955,7 @@ mod tests {
             append("a/b", "xyz", Some(("p", 2, 3))),
             Command::Delete { name: "s".into(), now_ms: 9 },
             Command::Touch { name: "s".into(), now_ms: 10 },
+            Command::Expire { name: "s".into(), now_ms: 11 },
         ];
         for cmd in cmds {
             let enc = encode(4, &cmd);
@@ -1033,6 +1052,33 @@ mod tests {
             s.apply(LogIndex(4), append("s", "more", None)),
             StreamOutcome::Closed { tail: 3 }
         );
+    }
+
+    #[test]
+    fn the_leaders_sweep_removes_only_streams_expired_by_its_command_time() {
+        let mut s = Streams::new();
+        let ttl = |name: &str| Command::Create {
+            name: name.into(),
+            now_ms: 1_000,
+            spec: CreateSpec {
+                content_type: "text/plain".into(),
+                ttl_secs: Some(5),
+                expires_at: None,
+                closed: false,
+                fork: None,
+            },
+            messages: Vec::new(),
+        };
+        s.apply(LogIndex(1), ttl("a"));
+        s.apply(LogIndex(2), ttl("b"));
+        // "b" is read (touched) at 5 s: it lives until 10 s.
+        s.apply(LogIndex(3), Command::Touch { name: "b".into(), now_ms: 5_000 });
+        let expire = |name: &str, now_ms| Command::Expire { name: name.into(), now_ms };
+        assert_eq!(s.apply(LogIndex(4), expire("a", 6_500)), StreamOutcome::Deleted);
+        assert_eq!(s.apply(LogIndex(5), expire("b", 6_600)), StreamOutcome::NotFound);
+        assert!(s.view("a").is_none() && s.view("b").is_some());
+        assert_eq!(s.apply(LogIndex(6), expire("b", 10_000)), StreamOutcome::Deleted);
+        assert!(s.is_empty());
     }
 
     #[test]
