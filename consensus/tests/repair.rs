@@ -391,7 +391,9 @@ impl Trio {
                 if !self.blocked.contains(&(m.from.0, m.to.0))
                     && let Some(raw) = self.nodes.get_mut(&m.to.0)
                 {
-                    raw.step(m).expect("step");
+                    // A message no correct peer sends is refused, as a node does (once
+                    // committed records are lost, the logs disagree in ways Raft never shows).
+                    let _ = raw.step(m);
                 }
             }
         }
