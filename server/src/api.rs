@@ -125,6 +125,11 @@ impl raftwal_client::proto::forward_server::Forward for Api {
         // entry must fit (else the WAL would refuse it and stop the node).
         let messages_max = crate::streams_http::messages_bytes_max(self.limits.record_bytes_max);
         cmd.check(messages_max).map_err(Status::invalid_argument)?;
+        if cmd.adds_data() && self.shared.disk_low.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Status::resource_exhausted(
+                "the leader's disk is under its free-space watermark: writes are refused",
+            ));
+        }
         let rx = self.submit(NodeRequest::Stream(cmd))?;
         match rx.await {
             Ok(Ok(Reply::Stream(outcome))) => {

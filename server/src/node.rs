@@ -164,6 +164,7 @@ impl Node {
                 Duration::from_millis(cfg.stream_long_poll_ms),
                 cfg.record_bytes_max,
                 (!cfg.client_plaintext).then_some(&pem),
+                shutdown_rx.clone(),
             );
             let tls = if cfg.client_plaintext {
                 None

@@ -63,6 +63,8 @@ pub struct StreamsApi {
     long_poll: Duration,
     body_bytes_max: u64,
     forward: Forwarder,
+    /// Turns true when the node stops: live reads end.
+    stopping: watch::Receiver<bool>,
 }
 
 impl StreamsApi {
@@ -74,6 +76,7 @@ impl StreamsApi {
         long_poll: Duration,
         record_bytes_max: u64,
         tls: Option<&crate::node::TlsPem>,
+        stopping: watch::Receiver<bool>,
     ) -> StreamsApi {
         let tls = tls.map(|pem| {
             tonic::transport::ClientTlsConfig::new()
@@ -86,6 +89,7 @@ impl StreamsApi {
             long_poll,
             body_bytes_max: messages_bytes_max(record_bytes_max),
             forward: Forwarder { tls, channels: Default::default() },
+            stopping,
         }
     }
 }
@@ -143,6 +147,14 @@ impl Forwarder {
             Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
                 return Err(unavailable("the leader changed; retry".into()));
             }
+            Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                return Err(text(StatusCode::BAD_REQUEST, status.message().to_string()));
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, status.message().to_string());
+                set(&mut r, "retry-after", 1);
+                return Err(r);
+            }
             Ok(Err(status)) => {
                 self.channels.lock().remove(addr);
                 return Err(unavailable(format!(
@@ -169,33 +181,32 @@ pub fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let sweeper = tokio::spawn(sweep_expired(api.clone()));
+    let sweeper = sweep_expired(api.clone());
     let app = Router::new().fallback(handle).with_state(api);
+    // One task: stopping it (the node's shutdown aborts and awaits it) drops the sweeper with
+    // the server, so nothing of this API holds the node's WAL once that returns.
     tokio::spawn(async move {
-        let _sweeper = AbortOnDrop(sweeper);
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        let served = match tls {
-            None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
-            Some(tls) => {
-                let listener = TlsListener::start(listener, tls);
-                axum::serve(listener, app).with_graceful_shutdown(stop).await
+        let served = async move {
+            match tls {
+                None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+                Some(tls) => {
+                    let listener = TlsListener::start(listener, tls);
+                    axum::serve(listener, app).with_graceful_shutdown(stop).await
+                }
             }
         };
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the streams HTTP server failed");
+        tokio::select! {
+            served = served => {
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the streams HTTP server failed");
+                }
+            }
+            () = sweeper => {}
         }
     })
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Streams whose expiry no command has touched would stay in memory for good: the leader
@@ -279,7 +290,14 @@ struct TlsListener {
         std::net::SocketAddr,
     )>,
     local: std::net::SocketAddr,
-    _acceptor: tokio::task::JoinHandle<()>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        // The accept loop owns the listening socket: it goes with the server.
+        self.acceptor.abort();
+    }
 }
 
 impl TlsListener {
@@ -313,7 +331,7 @@ impl TlsListener {
                 });
             }
         });
-        TlsListener { ready, local, _acceptor: task }
+        TlsListener { ready, local, acceptor: task }
     }
 }
 
@@ -602,6 +620,13 @@ impl StreamsApi {
         if let Err(why) = cmd.check(self.body_bytes_max) {
             return Err(text(StatusCode::BAD_REQUEST, why));
         }
+        if cmd.adds_data() && self.shared.disk_low.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "this node's disk is under its free-space watermark (disk_free_min_bytes): \
+                 writes are refused until space comes back; reads go on",
+            ));
+        }
         let answer = match self.driver.request(NodeRequest::Stream(cmd.clone())) {
             Ok(rx) => rx.await,
             Err(e) => Ok(Err(e)),
@@ -731,9 +756,11 @@ impl StreamsApi {
             ));
         }
         let ttl_secs = match ttl {
-            Some(t) => {
-                Some(strict_u64(t).ok_or_else(|| text(StatusCode::BAD_REQUEST, "bad Stream-TTL"))?)
-            }
+            Some(t) => Some(
+                strict_u64(t)
+                    .filter(|t| *t <= streams::TTL_SECS_MAX)
+                    .ok_or_else(|| text(StatusCode::BAD_REQUEST, "bad Stream-TTL"))?,
+            ),
             None => None,
         };
         let expires_at = match expires {
@@ -773,6 +800,10 @@ impl StreamsApi {
         let mut messages = Vec::new();
         if let Some(from) = forked_from {
             self.catch_up_if_follower().await?;
+            if self.view(from).is_none() {
+                // A leader still applying its log may not know a source it acknowledged.
+                self.barrier().await?;
+            }
             let source = match self.view(from) {
                 Some(v) if v.soft_deleted => {
                     return Err(text(StatusCode::CONFLICT, "the source stream was deleted"));
@@ -920,10 +951,11 @@ impl StreamsApi {
                 Ok(None) => return text(StatusCode::BAD_REQUEST, "an append needs a Content-Type"),
                 Err(r) => return r,
             };
-            // The stream's own type decides JSON mode; refusals that depend on the stream
-            // (missing, closed, another type) come from the state, in log order.
-            let json = self.view(&name).is_some_and(|v| is_json(&v.content_type));
-            if json && is_json(&ct) {
+            // A JSON write is flattened unless this node knows the stream as another type (then
+            // the state refuses it: 409). Refusals that depend on the stream (missing, closed,
+            // another type) come from the state, in log order.
+            let json = is_json(&ct) && self.view(&name).is_none_or(|v| is_json(&v.content_type));
+            if json {
                 match json_message(&body) {
                     Ok(Some(m)) => messages.push(m),
                     Ok(None) => {
@@ -1003,10 +1035,19 @@ impl StreamsApi {
         let cursor = params.get("cursor").and_then(|v| v.first()).cloned();
         // A read refreshes a sliding time to live (a replicated touch: every node agrees when
         // the stream expires).
-        if view.ttl_secs.is_some() {
+        // A read refreshes a sliding time to live: a replicated touch, at most once per quarter
+        // of the window (every read would be a write otherwise).
+        if let Some(ttl) = view.ttl_secs
+            && now_ms().saturating_sub(view.last_access_ms) >= ttl.saturating_mul(250)
+        {
             let touch = Command::Touch { name: name.clone(), now_ms: now_ms() };
-            if let Err(r) = self.command(touch).await {
-                return r;
+            match self.command(touch).await {
+                Ok(StreamOutcome::NotFound) => {
+                    return text(StatusCode::NOT_FOUND, "no such stream");
+                }
+                Ok(StreamOutcome::Gone) => return text(StatusCode::GONE, "the stream was deleted"),
+                Ok(_) => {}
+                Err(r) => return r,
             }
         }
         match live.as_deref() {
@@ -1049,7 +1090,8 @@ impl StreamsApi {
         }
         let b64 = base64::engine::general_purpose::STANDARD.encode(name.as_bytes());
         let etag = format!(
-            "\"{b64}:{}:{}{}\"",
+            "\"{b64}:{}:{}:{}{}\"",
+            view.incarnation,
             offset_param.unwrap_or("-1"),
             offset(next),
             if closed { ":c" } else { "" }
@@ -1072,10 +1114,20 @@ impl StreamsApi {
         _now_offset: bool,
     ) -> Response {
         let json = is_json(&view.content_type);
+        let incarnation = view.incarnation;
+        // Subscribed before the view is taken again: an append published in between wakes us.
         let mut changed = self.shared.streams_changed.subscribe();
+        let mut stopping = self.stopping.clone();
         let deadline = tokio::time::Instant::now() + self.long_poll;
-        let mut view = view;
+        let mut timed_out = false;
         loop {
+            let view = match self.view(name) {
+                Some(v) if !v.soft_deleted && v.incarnation == incarnation => v,
+                Some(v) if v.soft_deleted => {
+                    return text(StatusCode::GONE, "the stream was deleted");
+                }
+                _ => return text(StatusCode::NOT_FOUND, "the stream was deleted"),
+            };
             let messages = match self.read(&view, from, READ_BYTES_MAX) {
                 Ok(m) => m,
                 Err(r) => return r,
@@ -1094,24 +1146,25 @@ impl StreamsApi {
                 }
                 return r;
             }
-            if view.closed {
+            if view.closed || timed_out {
+                // Nothing after `from` in the view just read: its tail is where to go on.
                 let mut r = empty(StatusCode::NO_CONTENT);
                 set(&mut r, "stream-next-offset", offset(view.tail));
                 set(&mut r, "stream-up-to-date", "true");
-                set(&mut r, "stream-closed", "true");
+                if view.closed {
+                    set(&mut r, "stream-closed", "true");
+                } else {
+                    set(&mut r, "stream-cursor", next_cursor(cursor));
+                }
                 return r;
             }
-            let wait = tokio::time::timeout_at(deadline, changed.changed()).await;
-            match self.view(name) {
-                Some(v) if !v.soft_deleted => view = v,
-                _ => return text(StatusCode::NOT_FOUND, "the stream was deleted"),
-            }
-            if wait.is_err() {
-                let mut r = empty(StatusCode::NO_CONTENT);
-                set(&mut r, "stream-next-offset", offset(view.tail));
-                set(&mut r, "stream-up-to-date", "true");
-                set(&mut r, "stream-cursor", next_cursor(cursor));
-                return r;
+            tokio::select! {
+                wait = tokio::time::timeout_at(deadline, changed.changed()) => {
+                    timed_out = wait.is_err();
+                }
+                _ = stopping.wait_for(|s| *s) => {
+                    return text(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping");
+                }
             }
         }
     }
@@ -1149,7 +1202,14 @@ impl StreamsApi {
     ) {
         let json = is_json(&view.content_type);
         let text_mode = sse_text(&view.content_type);
+        let incarnation = view.incarnation;
         let mut changed = self.shared.streams_changed.subscribe();
+        let mut stopping = self.stopping.clone();
+        // Taken again after subscribing: an append published in between wakes us.
+        match self.view(&name) {
+            Some(v) if !v.soft_deleted && v.incarnation == incarnation => view = v,
+            _ => return,
+        }
         let mut cursor = cursor;
         let mut sent_control = false;
         loop {
@@ -1220,9 +1280,11 @@ impl StreamsApi {
                     }
                 }
                 () = tx.closed() => return,
+                _ = stopping.wait_for(|s| *s) => return,
             }
             match self.view(&name) {
-                Some(v) if !v.soft_deleted => view = v,
+                // A deleted and re-created stream is another stream: this read ends.
+                Some(v) if !v.soft_deleted && v.incarnation == incarnation => view = v,
                 _ => return,
             }
         }

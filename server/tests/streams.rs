@@ -195,6 +195,7 @@ async fn bad_input_is_answered_4xx_and_changes_nothing() {
         ("GET", "/j?live=sse".into(), vec![], Vec::new(), 400),
         ("GET", "/missing".into(), vec![], Vec::new(), 404),
         ("PUT", "/t".into(), vec![("stream-ttl", "-1")], Vec::new(), 400),
+        ("PUT", "/t".into(), vec![("stream-ttl", "18446744073709552")], Vec::new(), 400),
         ("PUT", "/t".into(), vec![("stream-expires-at", "tomorrow")], Vec::new(), 400),
         (
             "PUT",
@@ -302,6 +303,15 @@ async fn forwarded_commands_are_checked_like_the_nodes_own() {
     let reply = client.stream_command(StreamCommandRequest { command: good }).await;
     assert!(reply.is_ok(), "{reply:?}");
     assert_eq!(http(streams_addr(&c, leader), "GET", "/ok", &[], b"").await.body, b"xxx");
+    // The time a command carries is the leader's, whatever the sender wrote: an expiry dated
+    // at the end of time does not expire a stream with an hour to live.
+    let r =
+        http(streams_addr(&c, leader), "PUT", "/hour", &[TEXT, ("stream-ttl", "3600")], b"").await;
+    assert_eq!(r.status, 201);
+    let forged = Command::Expire { name: "/hour".into(), now_ms: u64::MAX };
+    let command = raftwal_server::envelope::encode_stream(&forged).to_vec();
+    client.stream_command(StreamCommandRequest { command }).await.expect("taken");
+    assert_eq!(http(streams_addr(&c, leader), "HEAD", "/hour", &[], b"").await.status, 200);
     c.shutdown().await;
 }
 

@@ -95,11 +95,13 @@ impl NodeCore {
         // Published last, so that whoever wakes on it also sees the membership it implies.
         if !rd.committed_entries.is_empty() {
             self.publish_view();
-            self.actions.push_back(Action::PublishReadable(self.log.readable()));
+            // The streams before the readable index: a reader that waited for the index
+            // (a ReadIndex round) then finds the streams it implies.
             let changed = self.streams.take_changed();
             if !changed.is_empty() {
                 self.actions.push_back(Action::PublishStreams(changed));
             }
+            self.actions.push_back(Action::PublishReadable(self.log.readable()));
             for (id, outcome) in std::mem::take(&mut self.stream_replies) {
                 self.reply(id, outcome);
             }

@@ -96,11 +96,31 @@ pub enum Command {
     Expire { name: String, now_ms: u64 },
 }
 
+/// The longest time to live (ten years, in seconds).
+pub const TTL_SECS_MAX: u64 = 10 * 366 * 24 * 3600;
+
 /// The longest string field a command may carry besides its messages (content types, producer
 /// ids, `Stream-Seq`, expiry strings, a fork's source).
 pub const FIELD_BYTES_MAX: usize = 1024;
 
 impl Command {
+    /// Whether the command brings new data (a create or an append; a delete, touch or expiry
+    /// is small and frees or keeps space). Refused while the disk is low.
+    pub fn adds_data(&self) -> bool {
+        matches!(self, Command::Create { .. } | Command::Append { .. })
+    }
+
+    /// Sets the command's time (the leader stamps it just before proposing).
+    pub fn set_now_ms(&mut self, ms: u64) {
+        match self {
+            Command::Create { now_ms, .. }
+            | Command::Append { now_ms, .. }
+            | Command::Delete { now_ms, .. }
+            | Command::Touch { now_ms, .. }
+            | Command::Expire { now_ms, .. } => *now_ms = ms,
+        }
+    }
+
     /// Refuses a command no node's API builds: fields over their bounds, or messages that
     /// together exceed `messages_max` bytes (a log entry must hold them). Checked before
     /// anything is proposed, wherever a command comes from.
@@ -118,6 +138,9 @@ impl Command {
         let messages = match self {
             Command::Create { spec, messages, .. } => {
                 field("the content type", &spec.content_type)?;
+                if spec.ttl_secs.is_some_and(|t| t > TTL_SECS_MAX) {
+                    return Err(format!("a time to live is at most {TTL_SECS_MAX} s"));
+                }
                 if let Some((s, _)) = &spec.expires_at {
                     field("the expiry", s)?;
                 }
@@ -286,9 +309,9 @@ impl StreamView {
     /// Whether it expired by `now_ms`.
     pub fn expired(&self, now_ms: u64) -> bool {
         self.expires_at.as_ref().is_some_and(|(_, at)| now_ms >= *at)
-            || self
-                .ttl_secs
-                .is_some_and(|ttl| now_ms >= self.last_access_ms.saturating_add(ttl * 1000))
+            || self.ttl_secs.is_some_and(|ttl| {
+                now_ms >= self.last_access_ms.saturating_add(ttl.saturating_mul(1000))
+            })
     }
 }
 
@@ -307,8 +330,6 @@ struct Stream {
 #[derive(Debug, Default)]
 pub struct Streams {
     by_name: BTreeMap<String, Stream>,
-    /// The latest command time applied: time never goes back, whatever the leaders' clocks.
-    now_ms: u64,
     /// Streams a command changed since the last [`Streams::take_changed`].
     changed: BTreeMap<String, ()>,
 }
@@ -363,8 +384,8 @@ impl Streams {
             | Command::Touch { now_ms, .. }
             | Command::Expire { now_ms, .. } => *now_ms,
         };
-        self.now_ms = self.now_ms.max(now);
-        let now = self.now_ms;
+        // The command's own time, stamped by the leader that proposed it (monotonic per
+        // leader); never a maximum over history, which a trim or a log restart would forget.
         let name = cmd.name().to_string();
         let existed = self.by_name.get(&name).is_some_and(|s| !s.view.soft_deleted);
         self.expire(&name, now);
@@ -446,6 +467,7 @@ impl Streams {
         let mut base = 0;
         let mut fork = None;
         if let Some(f) = &spec.fork {
+            self.expire(&f.from.clone(), now);
             let Some(source) = self.by_name.get(&f.from) else { return StreamOutcome::NotFound };
             if source.view.soft_deleted {
                 return StreamOutcome::Conflict("the fork's source was deleted".into());
@@ -521,6 +543,19 @@ impl Streams {
                     last_seq: p.seq,
                 };
             }
+            // A retry of a write the stream took before it closed is that write's duplicate.
+            if let Some(p) = &a.producer
+                && let Some(&(epoch, last)) = s.producers.get(&p.id)
+                && p.epoch == epoch
+                && p.seq <= last
+            {
+                return StreamOutcome::Duplicate {
+                    tail: s.view.tail,
+                    closed: true,
+                    epoch,
+                    last_seq: last,
+                };
+            }
             if close_only && a.close && a.producer.is_none() {
                 // Closing a closed stream again is idempotent.
                 s.view.last_access_ms = now;
@@ -586,7 +621,7 @@ impl Streams {
         let bytes: u64 = a.messages.iter().map(|m| m.len() as u64).sum();
         if bytes > 0 {
             s.view.tail += bytes;
-            s.view.version += a.messages.len() as u64;
+            s.view.version += a.messages.iter().filter(|m| !m.is_empty()).count() as u64;
             s.view.index.push(s.view.tail, index);
         }
         if let Some(p) = &a.producer {
@@ -1046,6 +1081,21 @@ mod tests {
         ));
         assert!(matches!(
             s.apply(LogIndex(3), closing),
+            StreamOutcome::Duplicate { closed: true, .. }
+        ));
+        // ... and so is a retry of a write it took before it closed (not "closed").
+        let earlier = Command::Append {
+            name: "s".into(),
+            now_ms: 3,
+            content_type: None,
+            messages: vec![Bytes::from_static(b"end")],
+            close: false,
+            producer: Some(ProducerTuple { id: "p".into(), epoch: 0, seq: 0 }),
+            stream_seq: None,
+            expected_version: None,
+        };
+        assert!(matches!(
+            s.apply(LogIndex(5), earlier),
             StreamOutcome::Duplicate { closed: true, .. }
         ));
         assert_eq!(

@@ -231,6 +231,8 @@ struct Driver {
     started: Instant,
     /// The disk state the core last heard of.
     disk_low: bool,
+    /// The last time stamped into a stream command (ms since the epoch).
+    stream_clock_ms: u64,
 }
 
 /// Runs the driver until shutdown or a fatal error (a WAL failure, a consensus error that means
@@ -259,6 +261,7 @@ pub fn run(parts: DriverParts) -> (Result<(), DriverFailure>, Transport) {
         completions,
         started: Instant::now(),
         disk_low: false,
+        stream_clock_ms: 0,
     };
     let mut result = d.run_loop(&rx, tick);
     if result.is_ok() {
@@ -345,7 +348,16 @@ impl Driver {
     fn handle(&mut self, event: Event) -> Result<bool, DriverFailure> {
         match event {
             Event::Peer(msg) => self.core.handle(Input::Peer(msg))?,
-            Event::Request(request, reply) => {
+            Event::Request(mut request, reply) => {
+                if let Request::Stream(cmd) = &mut request {
+                    // The time a stream command carries is this node's (it proposes only as
+                    // leader), whoever built the command; monotonic while it runs.
+                    let wall = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    self.stream_clock_ms = self.stream_clock_ms.max(wall);
+                    cmd.set_now_ms(self.stream_clock_ms);
+                }
                 let id = self.next_request;
                 self.next_request += 1;
                 self.callers.insert(id, reply);
