@@ -21,6 +21,12 @@ fn entry(index: u64, term: u64, data: &'static str) -> Entry {
 
 /// Node 2 of (1, 2, 3): the founding entries 1-3, then `more`; term 2; floor `floor`.
 fn repairing(more: &[Entry], floor: Option<(u64, u64)>) -> RawNode<MemLog> {
+    node_2(more, |r| r.repair_floor = floor.map(|(i, t)| (LogIndex(i), Term(t))))
+}
+
+/// Node 2 of (1, 2, 3) in term 2 with the founding entries 1-3 and `more`, restored as `tweak`
+/// says, its first Readies settled.
+fn node_2(more: &[Entry], tweak: impl FnOnce(&mut Restored)) -> RawNode<MemLog> {
     let voters = [NodeId(1), NodeId(2), NodeId(3)];
     let (entries, mut hard_state) = bootstrap(&voters);
     let mut log = MemLog::new(LogStart {
@@ -34,11 +40,8 @@ fn repairing(more: &[Entry], floor: Option<(u64, u64)>) -> RawNode<MemLog> {
     let mut config = Config::new(NodeId(2), 11);
     config.pre_vote = false;
     config.check_quorum = false;
-    let restored = Restored {
-        hard_state,
-        repair_floor: floor.map(|(i, t)| (LogIndex(i), Term(t))),
-        ..Restored::default()
-    };
+    let mut restored = Restored { hard_state, ..Restored::default() };
+    tweak(&mut restored);
     let mut raw = RawNode::new(config, restored, log).expect("valid node");
     settle(&mut raw);
     raw
@@ -198,23 +201,7 @@ fn a_leader_told_of_a_lost_log_probes_again_from_it() {
 
 /// Node 2 restarted after recovery cut its log's tail: the founding entries 1-3 and `more`.
 fn tail_cut(more: &[Entry]) -> RawNode<MemLog> {
-    let voters = [NodeId(1), NodeId(2), NodeId(3)];
-    let (entries, mut hard_state) = bootstrap(&voters);
-    let mut log = MemLog::new(LogStart {
-        first_index: LogIndex(1),
-        prev_term: Term(0),
-        membership: Membership::default(),
-    });
-    log.append(&entries);
-    log.append(more);
-    hard_state.term = Term(2);
-    let mut config = Config::new(NodeId(2), 11);
-    config.pre_vote = false;
-    config.check_quorum = false;
-    let restored = Restored { hard_state, tail_cut: true, ..Restored::default() };
-    let mut raw = RawNode::new(config, restored, log).expect("valid node");
-    settle(&mut raw);
-    raw
+    node_2(more, |r| r.tail_cut = true)
 }
 
 /// Persists every Ready, keeping the last repair floor one handed out; returns the messages.

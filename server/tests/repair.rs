@@ -175,13 +175,9 @@ async fn damage_on_a_node_alone_refuses_naming_file_offset_and_remedy() {
     assert!(segments(&c.configs[&1].data_dir) == segs, "no segment removed");
 }
 
-/// A follower's active segment cut short below its saved commit index: recovery sees a torn
-/// tail, but the node's own hard state proves those entries were committed (and acknowledged).
-/// It used to refuse to start ("the commit index is beyond the log"). Now it repairs: it
-/// follows and serves at once, and votes again once a leader elected after the damage has
-/// appended to it (how far its log reached is unknown, so nothing less proves it whole).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
+/// Three nodes; 50 appends of ten 1000-byte records, applied on a follower that is then
+/// stopped. Returns the cluster, the leader, that follower, a client and its data directory.
+async fn appended_then_follower_stopped() -> (Cluster, u64, u64, raftwal_client::Client, PathBuf) {
     let mut c = Cluster::start(3, 0).await;
     let leader = c.leader().await;
     let victim = (1..=3).find(|&id| id != leader).expect("a follower");
@@ -193,13 +189,29 @@ async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
     c.wait_applied(victim, last).await;
     c.stop_node(victim).await;
     let data_dir = c.configs[&victim].data_dir.clone();
-    let seg = segments(&data_dir).pop().expect("the active segment");
+    (c, leader, victim, client, data_dir)
+}
+
+/// Cuts the active segment's written part in half: a synced tail gone (or torn, to recovery).
+fn cut_active_segment_in_half(data_dir: &Path) {
+    let seg = segments(data_dir).pop().expect("the active segment");
     let used = std::fs::read(&seg).expect("read").iter().rposition(|&b| b != 0).expect("frames");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&seg)
         .and_then(|f| f.set_len(used as u64 / 2))
         .expect("truncate");
+}
+
+/// A follower's active segment cut short below its saved commit index: recovery sees a torn
+/// tail, but the node's own hard state proves those entries were committed (and acknowledged).
+/// It used to refuse to start ("the commit index is beyond the log"). Now it repairs: it
+/// follows and serves at once, and votes again once a leader elected after the damage has
+/// appended to it (how far its log reached is unknown, so nothing less proves it whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
+    let (mut c, leader, victim, client, data_dir) = appended_then_follower_stopped().await;
+    cut_active_segment_in_half(&data_dir);
 
     c.start_node(victim).await;
     assert!(data_dir.join("repair-floor").exists(), "a repair floor is kept");
@@ -231,17 +243,7 @@ async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
 /// fetches the entries again, and completes the repair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tail_cut_the_leader_saw_acknowledged_becomes_a_repair() {
-    let mut c = Cluster::start(3, 0).await;
-    let leader = c.leader().await;
-    let victim = (1..=3).find(|&id| id != leader).expect("a follower");
-    let client = c.client().await;
-    let mut last = 0;
-    for i in 0..50u32 {
-        last = client.append(vec![vec![i as u8; 1000]; 10]).await.expect("append").last_offset.0;
-    }
-    c.wait_applied(victim, last).await;
-    c.stop_node(victim).await;
-    let data_dir = c.configs[&victim].data_dir.clone();
+    let (mut c, leader, victim, client, data_dir) = appended_then_follower_stopped().await;
     {
         // As after a crash before the follower saved the commit index of its last appends.
         let opts = raftwal_wal::Options {
@@ -252,13 +254,7 @@ async fn a_tail_cut_the_leader_saw_acknowledged_becomes_a_repair() {
         let wal = raftwal_wal::Wal::open(data_dir.join("wal"), opts).expect("open the WAL");
         wal.lower_commit(raftwal_consensus::LogIndex(3)).expect("lower the commit index");
     }
-    let seg = segments(&data_dir).pop().expect("the active segment");
-    let used = std::fs::read(&seg).expect("read").iter().rposition(|&b| b != 0).expect("frames");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .and_then(|f| f.set_len(used as u64 / 2))
-        .expect("truncate");
+    cut_active_segment_in_half(&data_dir);
 
     c.start_node(victim).await;
     for _ in 0..250 {

@@ -35,15 +35,32 @@ async fn http(
     body: &[u8],
 ) -> Resp {
     let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(&request_bytes(addr, method, path, headers, body)).await.expect("write");
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.expect("read");
+    parse_response(&raw)
+}
+
+/// An HTTP/1.1 request that closes its connection after the answer.
+fn request_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-    conn.write_all(req.as_bytes()).await.expect("write");
-    conn.write_all(body).await.expect("write body");
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).await.expect("read");
+    let mut out = req.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A whole response, as read to the end of its connection.
+fn parse_response(raw: &[u8]) -> Resp {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
@@ -339,29 +356,11 @@ async fn https(
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("a name");
     let mut conn = connector.connect(name, tcp).await?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-    conn.write_all(req.as_bytes()).await?;
-    conn.write_all(body).await?;
+    conn.write_all(&request_bytes(addr, method, path, headers, body)).await?;
     let mut raw = Vec::new();
     // A TLS peer may close without close_notify after `connection: close`: keep what came.
     let _ = conn.read_to_end(&mut raw).await;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok());
-    let headers: BTreeMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
-        body = dechunk(&body);
-    }
-    Ok(Resp { status: status.expect("a status"), headers, body })
+    Ok(parse_response(&raw))
 }
 
 /// Without `client_plaintext` the streams port is TLS, like the client API, and a follower's

@@ -1065,16 +1065,10 @@ mod tests {
     fn a_closed_stream_refuses_appends_except_the_closing_retry() {
         let mut s = Streams::new();
         s.apply(LogIndex(1), create("s", 1, "text/plain"));
-        let closing = Command::Append {
-            name: "s".into(),
-            now_ms: 2,
-            content_type: None,
-            messages: vec![Bytes::from_static(b"end")],
-            close: true,
-            producer: Some(ProducerTuple { id: "p".into(), epoch: 0, seq: 0 }),
-            stream_seq: None,
-            expected_version: None,
-        };
+        let mut closing = append("s", "end", Some(("p", 0, 0)));
+        if let Command::Append { close, .. } = &mut closing {
+            *close = true;
+        }
         assert!(matches!(
             s.apply(LogIndex(2), closing.clone()),
             StreamOutcome::Appended { closed: true, tail: 3, .. }
@@ -1084,16 +1078,7 @@ mod tests {
             StreamOutcome::Duplicate { closed: true, .. }
         ));
         // ... and so is a retry of a write it took before it closed (not "closed").
-        let earlier = Command::Append {
-            name: "s".into(),
-            now_ms: 3,
-            content_type: None,
-            messages: vec![Bytes::from_static(b"end")],
-            close: false,
-            producer: Some(ProducerTuple { id: "p".into(), epoch: 0, seq: 0 }),
-            stream_seq: None,
-            expected_version: None,
-        };
+        let earlier = append("s", "end", Some(("p", 0, 0)));
         assert!(matches!(
             s.apply(LogIndex(5), earlier),
             StreamOutcome::Duplicate { closed: true, .. }
