@@ -175,15 +175,21 @@ fn a_repair_answer_that_does_not_continue_the_log_or_comes_with_a_leader_is_igno
     assert_eq!(raw.status().last_index, LogIndex(4));
 }
 
-#[test]
-fn a_leader_told_of_a_lost_log_probes_again_from_it() {
-    // Node 2 leads (1, 2, 3) with entries to 6; node 3 acknowledged 6, then says its log ends
-    // at 3 (damage cut it): the leader's next append starts after 3.
+/// Node 2 elected leader of (1, 2, 3) in term 3, with entries to 6.
+fn leading() -> RawNode<MemLog> {
     let mut raw = repairing(&[entry(4, 2, "x"), entry(5, 2, "y")], None);
     raw.campaign().expect("campaign");
     settle(&mut raw);
     deliver(&mut raw, msg(1, 3, MessageBody::VoteResp { reject: false }));
     assert_eq!(raw.status().role, Role::Leader);
+    raw
+}
+
+#[test]
+fn a_leader_told_of_a_lost_log_probes_again_from_it() {
+    // Node 2 leads (1, 2, 3) with entries to 6; node 3 acknowledged 6, then says its log ends
+    // at 3 (damage cut it): the leader's next append starts after 3.
+    let mut raw = leading();
     let last = raw.status().last_index;
     deliver(&mut raw, msg(3, 3, MessageBody::AppResp { index: last, reject: None }));
     assert_eq!(raw.status().progress[&NodeId(3)].matched, last);
@@ -282,11 +288,7 @@ fn after_a_tail_cut_with_no_leader_alive_the_hold_ends_and_the_node_campaigns() 
 
 #[test]
 fn a_leader_tells_a_follower_that_lost_entries_what_it_acknowledged() {
-    let mut raw = repairing(&[entry(4, 2, "x"), entry(5, 2, "y")], None);
-    raw.campaign().expect("campaign");
-    settle(&mut raw);
-    deliver(&mut raw, msg(1, 3, MessageBody::VoteResp { reject: false }));
-    assert_eq!(raw.status().role, Role::Leader);
+    let mut raw = leading();
     let last = raw.status().last_index;
     let last_term = raw.status().term;
     deliver(&mut raw, msg(3, 3, MessageBody::AppResp { index: last, reject: None }));

@@ -91,13 +91,7 @@ async fn a_bit_flip_in_a_followers_sealed_segment_is_repaired_from_peers() {
     );
     let last = writer.await.expect("writer");
     c.wait_applied(victim, last).await;
-    for _ in 0..500 {
-        if c.nodes[&victim].shared.status.read().repair_floor.is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(c.nodes[&victim].shared.status.read().repair_floor, None, "repair completes");
+    wait_repair_complete(&c, victim).await;
 
     // The leader acknowledged `last` but may settle it a moment later.
     c.wait_applied(leader, last).await;
@@ -192,6 +186,17 @@ async fn appended_then_follower_stopped() -> (Cluster, u64, u64, raftwal_client:
     (c, leader, victim, client, data_dir)
 }
 
+/// Waits (up to 10 s) until node `id`'s repair from peers is complete.
+async fn wait_repair_complete(c: &Cluster, id: u64) {
+    for _ in 0..500 {
+        if c.nodes[&id].shared.status.read().repair_floor.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.nodes[&id].shared.status.read().repair_floor, None, "repair completes");
+}
+
 /// Cuts the active segment's written part in half: a synced tail gone (or torn, to recovery).
 fn cut_active_segment_in_half(data_dir: &Path) {
     let seg = segments(data_dir).pop().expect("the active segment");
@@ -227,13 +232,7 @@ async fn a_synced_tail_cut_below_the_commit_index_is_repaired() {
     let other = (1..=3).find(|&id| id != leader && id != victim).expect("a third node");
     client.transfer_leader(raftwal_client::NodeId(other)).await.expect("transfer");
     client.append(["later term"]).await.expect("append");
-    for _ in 0..500 {
-        if c.nodes[&victim].shared.status.read().repair_floor.is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(c.nodes[&victim].shared.status.read().repair_floor, None, "repair completes");
+    wait_repair_complete(&c, victim).await;
     c.shutdown().await;
 }
 
@@ -269,12 +268,6 @@ async fn a_tail_cut_the_leader_saw_acknowledged_becomes_a_repair() {
     c.wait_applied(leader, after).await;
     let expected = read_all(&c.client_of(leader).await).await;
     assert!(read_all(&c.client_of(victim).await).await == expected, "it serves the log again");
-    for _ in 0..500 {
-        if c.nodes[&victim].shared.status.read().repair_floor.is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(c.nodes[&victim].shared.status.read().repair_floor, None, "repair completes");
+    wait_repair_complete(&c, victim).await;
     c.shutdown().await;
 }
