@@ -52,6 +52,10 @@ const EXPECTED_VERSION: &str = "raftwal-expected-version";
 /// Response header (raftwal's extension): the stream's version (messages it holds).
 const STREAM_VERSION: &str = "raftwal-stream-version";
 
+/// The time a command is built with: the leader's driver stamps its own just before proposing
+/// (`shell`), whoever built the command, so nothing here reads a clock for it.
+const UNSTAMPED: u64 = 0;
+
 /// How long a command forwarded to the leader may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -235,7 +239,7 @@ async fn sweep_expired(api: StreamsApi) {
         for name in expired {
             // Not forwarded: only the leader sweeps; a refusal waits for the next sweep.
             if let Ok(rx) =
-                api.driver.request(NodeRequest::Stream(Command::Expire { name, now_ms: now }))
+                api.driver.request(NodeRequest::Stream(Command::Expire { name, now_ms: UNSTAMPED }))
             {
                 let _ = rx.await;
             }
@@ -695,7 +699,7 @@ impl StreamsApi {
         let mut data = body.into_data_stream();
         let mut buf = bytes::BytesMut::new();
         let mut seen = 0usize;
-        while let Some(chunk) = futures_next(&mut data).await {
+        while let Some(chunk) = tokio_stream::StreamExt::next(&mut data).await {
             let chunk =
                 chunk.map_err(|e| text(StatusCode::BAD_REQUEST, format!("read the body: {e}")))?;
             seen += chunk.len();
@@ -893,7 +897,7 @@ impl StreamsApi {
                 format!("the fork's first messages are over {} bytes", self.body_bytes_max),
             ));
         }
-        let cmd = Command::Create { name: name.to_string(), now_ms: now_ms(), spec, messages };
+        let cmd = Command::Create { name: name.to_string(), now_ms: UNSTAMPED, spec, messages };
         self.command(cmd).await
     }
 
@@ -974,7 +978,7 @@ impl StreamsApi {
         let close_only = messages.is_empty();
         let cmd = Command::Append {
             name: name.clone(),
-            now_ms: now_ms(),
+            now_ms: UNSTAMPED,
             content_type,
             messages,
             close,
@@ -1040,7 +1044,7 @@ impl StreamsApi {
         if let Some(ttl) = view.ttl_secs
             && now_ms().saturating_sub(view.last_access_ms) >= ttl.saturating_mul(250)
         {
-            let touch = Command::Touch { name: name.clone(), now_ms: now_ms() };
+            let touch = Command::Touch { name: name.clone(), now_ms: UNSTAMPED };
             match self.command(touch).await {
                 Ok(StreamOutcome::NotFound) => {
                     return text(StatusCode::NOT_FOUND, "no such stream");
@@ -1052,7 +1056,7 @@ impl StreamsApi {
         }
         match live.as_deref() {
             Some("sse") => self.sse(name, view, from, cursor),
-            Some(_) => self.long_poll(&name, view, from, cursor.as_deref(), now_offset).await,
+            Some(_) => self.long_poll(&name, view, from, cursor.as_deref()).await,
             None => self.catch_up(&h, &name, &view, from, now_offset, offset_param.as_deref()),
         }
     }
@@ -1111,7 +1115,6 @@ impl StreamsApi {
         view: Arc<StreamView>,
         from: u64,
         cursor: Option<&str>,
-        _now_offset: bool,
     ) -> Response {
         let json = is_json(&view.content_type);
         let incarnation = view.incarnation;
@@ -1294,16 +1297,12 @@ impl StreamsApi {
 
     async fn delete(&self, req: Request) -> Response {
         let name = req.uri().path().to_string();
-        match self.command(Command::Delete { name, now_ms: now_ms() }).await {
+        match self.command(Command::Delete { name, now_ms: UNSTAMPED }).await {
             Ok(StreamOutcome::Deleted) => empty(StatusCode::NO_CONTENT),
             Ok(outcome) => outcome_error(outcome),
             Err(r) => r,
         }
     }
-}
-
-async fn futures_next<S: tokio_stream::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
-    tokio_stream::StreamExt::next(s).await
 }
 
 fn percent_decode(s: &str) -> String {
