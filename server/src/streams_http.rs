@@ -223,7 +223,7 @@ const SWEEP_MAX: usize = 1000;
 async fn sweep_expired(api: StreamsApi) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
-        if api.shared.status.read().role != raftwal_consensus::Role::Leader {
+        if !api.leads() {
             continue;
         }
         let now = now_ms();
@@ -803,9 +803,9 @@ impl StreamsApi {
         };
         let mut messages = Vec::new();
         if let Some(from) = forked_from {
-            self.catch_up_if_follower().await?;
-            if self.view(from).is_none() {
-                // A leader still applying its log may not know a source it acknowledged.
+            // One ReadIndex round on a follower, or on a leader that does not know the source
+            // yet (still applying its log): the source a client already created is then seen.
+            if !self.leads() || self.view(from).is_none() {
                 self.barrier().await?;
             }
             let source = match self.view(from) {
@@ -905,8 +905,11 @@ impl StreamsApi {
     /// request: a write that consults the local state (a stream's JSON mode, a fork's source)
     /// must see what the client already wrote through the leader.
     async fn catch_up_if_follower(&self) -> Result<(), Response> {
-        let leads = self.shared.status.read().role == raftwal_consensus::Role::Leader;
-        if leads { Ok(()) } else { self.barrier().await }
+        if self.leads() { Ok(()) } else { self.barrier().await }
+    }
+
+    fn leads(&self) -> bool {
+        self.shared.status.read().role == raftwal_consensus::Role::Leader
     }
 
     // ----- POST -----

@@ -234,16 +234,6 @@ impl StreamIndex {
         self.len += 1;
     }
 
-    /// Commands that appended.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing was appended.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     fn get(&self, i: usize) -> (u64, LogIndex) {
         self.chunks[i / INDEX_CHUNK][i % INDEX_CHUNK]
     }
@@ -338,11 +328,6 @@ impl Streams {
     /// No streams.
     pub fn new() -> Streams {
         Streams::default()
-    }
-
-    /// Streams known (soft-deleted ones included).
-    pub fn len(&self) -> usize {
-        self.by_name.len()
     }
 
     /// Whether there are none.
