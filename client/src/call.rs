@@ -24,6 +24,10 @@ pub(crate) enum Effect {
     /// Appends and admin calls: an attempt that timed out may have taken effect, so running
     /// out of retries after one is `UnknownOutcome`, not `Unavailable`.
     Mutating,
+    /// A write that a repeat could apply twice (a stream append with neither a producer nor
+    /// an expected version): after an attempt that may have taken effect the call stops with
+    /// `UnknownOutcome` instead of repeating it.
+    Once,
 }
 
 /// What a client and everything it spawns share.
@@ -200,6 +204,17 @@ impl Shared {
             };
             let exhausted = state.attempts >= attempts_max;
             match verdict {
+                Verdict::Final(ClientError::StreamVersionMismatch { version })
+                    if state.ambiguous && effect != Effect::ReadOnly =>
+                {
+                    // As for an offset mismatch: an earlier attempt may have appended.
+                    return Err(ClientError::UnknownOutcome {
+                        attempts: state.attempts,
+                        last: format!(
+                            "stream version mismatch (version {version}) after an attempt that may have appended"
+                        ),
+                    });
+                }
                 Verdict::Final(ClientError::OffsetMismatch { next_offset })
                     if state.ambiguous && effect == Effect::Mutating =>
                 {
@@ -237,6 +252,12 @@ impl Shared {
                         None => target = self.router.advance(route, target.index),
                     }
                     backoff.wait().await;
+                }
+                Verdict::Ambiguous if effect == Effect::Once => {
+                    return Err(ClientError::UnknownOutcome {
+                        attempts: state.attempts,
+                        last: state.last,
+                    });
                 }
                 Verdict::Unreachable | Verdict::Ambiguous => {
                     state.ambiguous |= matches!(verdict, Verdict::Ambiguous);
@@ -277,7 +298,7 @@ struct Attempts {
 impl Attempts {
     fn exhausted(&self, effect: Effect) -> ClientError {
         let (attempts, last) = (self.attempts, self.last.clone());
-        if self.ambiguous && effect == Effect::Mutating {
+        if self.ambiguous && effect != Effect::ReadOnly {
             ClientError::UnknownOutcome { attempts, last }
         } else {
             ClientError::Unavailable { attempts, last }
@@ -285,7 +306,7 @@ impl Attempts {
     }
 
     fn exhausted_overloaded(&self, effect: Effect) -> ClientError {
-        if self.ambiguous && effect == Effect::Mutating {
+        if self.ambiguous && effect != Effect::ReadOnly {
             return self.exhausted(effect);
         }
         ClientError::Overloaded { attempts: self.attempts, message: self.last.clone() }

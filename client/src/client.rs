@@ -20,7 +20,7 @@ use crate::types::{AppendOptions, Appended, Membership, NodeId, Offset, ReadBatc
 /// See the crate docs for how a call flows.
 #[derive(Clone, Debug)]
 pub struct Client {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     producer: Arc<Mutex<Producer>>,
 }
 

@@ -16,6 +16,15 @@ pub const TRAILER_NEXT_OFFSET: &str = "raftwal-next-offset";
 /// Trailer carrying the log's first offset, on OUT_OF_RANGE.
 pub const TRAILER_FIRST_OFFSET: &str = "raftwal-first-offset";
 
+/// Trailer carrying a stream's version, on FAILED_PRECONDITION (an expected version missed).
+pub const TRAILER_STREAM_VERSION: &str = "raftwal-stream-version";
+/// Trailer carrying the epoch that fenced a stream producer, on FAILED_PRECONDITION.
+pub const TRAILER_PRODUCER_EPOCH: &str = "raftwal-producer-epoch";
+/// Trailer carrying a closed stream's final next offset, on FAILED_PRECONDITION.
+pub const TRAILER_STREAM_CLOSED: &str = "raftwal-stream-closed";
+/// Trailer carrying the producer sequence a stream expected, on FAILED_PRECONDITION.
+pub const TRAILER_PRODUCER_EXPECTED_SEQ: &str = "raftwal-producer-expected-seq";
+
 /// Everything a client call can fail with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -97,6 +106,43 @@ pub enum ClientError {
         /// What was wrong.
         reason: String,
     },
+    /// No such stream (it never existed, expired, or was deleted).
+    #[error("not found: {message}")]
+    NotFound {
+        /// The server's message.
+        message: String,
+    },
+    /// A stream of that name exists with other settings.
+    #[error("already exists: {message}")]
+    AlreadyExists {
+        /// The server's message.
+        message: String,
+    },
+    /// A stream append's expected version was not the stream's. Nothing was appended.
+    #[error("the stream's version is {version}, not the one expected")]
+    StreamVersionMismatch {
+        /// The stream's version (the records it holds).
+        version: u64,
+    },
+    /// A newer epoch of this stream producer took over: this one is fenced. Nothing was
+    /// appended.
+    #[error("fenced: producer epoch {epoch} took over")]
+    Fenced {
+        /// The epoch that fenced this one.
+        epoch: u64,
+    },
+    /// The stream is closed: nothing more may be appended.
+    #[error("the stream is closed at offset {next_offset}")]
+    StreamClosed {
+        /// Its final next offset.
+        next_offset: u64,
+    },
+    /// A stream producer's sequence skipped one. Nothing was appended.
+    #[error("producer sequence gap: the stream expected {expected}")]
+    SequenceGap {
+        /// The sequence the stream expected.
+        expected: u64,
+    },
     /// The [`Appender`](crate::Appender) this append went through has stopped.
     #[error("the appender stopped")]
     Closed,
@@ -138,18 +184,39 @@ pub(crate) fn classify(status: Status) -> Verdict {
         Code::Unknown => Verdict::Ambiguous,
         Code::Internal if from_transport => Verdict::Ambiguous,
         Code::ResourceExhausted => Verdict::Overloaded,
-        Code::FailedPrecondition => match trailer_u64(&status, TRAILER_NEXT_OFFSET) {
-            Some(next) => Verdict::Final(ClientError::OffsetMismatch { next_offset: Offset(next) }),
-            None => Verdict::Final(ClientError::Other(status)),
-        },
+        Code::FailedPrecondition => Verdict::Final(failed_precondition(status)),
         Code::InvalidArgument => {
             Verdict::Final(ClientError::InvalidArgument { message: status.message().to_owned() })
+        }
+        Code::NotFound => {
+            Verdict::Final(ClientError::NotFound { message: status.message().to_owned() })
+        }
+        Code::AlreadyExists => {
+            Verdict::Final(ClientError::AlreadyExists { message: status.message().to_owned() })
         }
         Code::OutOfRange => match trailer_u64(&status, TRAILER_FIRST_OFFSET) {
             Some(first) => Verdict::Final(ClientError::Trimmed { first_offset: Offset(first) }),
             None => Verdict::Final(ClientError::TooLarge { message: status.message().to_owned() }),
         },
         _ => Verdict::Final(ClientError::Other(status)),
+    }
+}
+
+/// A FAILED_PRECONDITION by the trailer that names its cause.
+fn failed_precondition(status: Status) -> ClientError {
+    let of = |name| trailer_u64(&status, name);
+    if let Some(next) = of(TRAILER_NEXT_OFFSET) {
+        ClientError::OffsetMismatch { next_offset: Offset(next) }
+    } else if let Some(version) = of(TRAILER_STREAM_VERSION) {
+        ClientError::StreamVersionMismatch { version }
+    } else if let Some(epoch) = of(TRAILER_PRODUCER_EPOCH) {
+        ClientError::Fenced { epoch }
+    } else if let Some(next_offset) = of(TRAILER_STREAM_CLOSED) {
+        ClientError::StreamClosed { next_offset }
+    } else if let Some(expected) = of(TRAILER_PRODUCER_EXPECTED_SEQ) {
+        ClientError::SequenceGap { expected }
+    } else {
+        ClientError::Other(status)
     }
 }
 

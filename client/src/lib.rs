@@ -57,6 +57,7 @@ pub mod dedup;
 mod error;
 mod follow;
 mod router;
+mod streams;
 mod types;
 
 /// The largest response a node sends: a read page of up to 32 MiB of records with its framing.
@@ -76,11 +77,21 @@ pub use client::Client;
 pub use config::{APPENDER_WINDOW_MAX, AppenderConfig, ClientConfig, ClientTls};
 pub use error::{
     ClientError, TRAILER_FIRST_OFFSET, TRAILER_LEADER_ADDR, TRAILER_LEADER_ID, TRAILER_NEXT_OFFSET,
+    TRAILER_PRODUCER_EPOCH, TRAILER_PRODUCER_EXPECTED_SEQ, TRAILER_STREAM_CLOSED,
+    TRAILER_STREAM_VERSION,
 };
 pub use follow::Follow;
+pub use streams::{StreamAppendOptions, StreamEvent, StreamFollow};
 pub use types::{
     AppendOptions, Appended, FollowEvent, Member, Membership, NodeId, Offset, ReadBatch, Record,
 };
+
+/// A client of the streams service that accepts every response a node may send.
+pub(crate) fn streams_client(
+    channel: tonic::transport::Channel,
+) -> proto::streams_client::StreamsClient<tonic::transport::Channel> {
+    proto::streams_client::StreamsClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
 
 pub mod proto {
     //! The generated `raftwal.v1` messages, clients and server traits.

@@ -60,6 +60,7 @@ pub fn serve(
     pem: &crate::node::TlsPem,
     shared: Arc<Shared>,
     driver: DriverHandle,
+    streams: crate::streams_api::StreamsApi,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -95,6 +96,13 @@ pub fn serve(
         )
         .add_service(AdminServer::new(api.clone()))
         .add_service(
+            raftwal_client::proto::streams_server::StreamsServer::new(
+                crate::streams_grpc::StreamsService::new(streams, api.followers.clone()),
+            )
+            .max_decoding_message_size(message_bytes_max)
+            .max_encoding_message_size(READ_BYTES_MAX as usize + (1 << 20)),
+        )
+        .add_service(
             raftwal_client::proto::forward_server::ForwardServer::new(api)
                 .max_decoding_message_size(message_bytes_max),
         );
@@ -123,7 +131,7 @@ impl raftwal_client::proto::forward_server::Forward for Api {
         };
         // Whoever sent it, it must be a command this node's own API could have built: the log
         // entry must fit (else the WAL would refuse it and stop the node).
-        let messages_max = crate::streams_http::messages_bytes_max(self.limits.record_bytes_max);
+        let messages_max = crate::streams_api::messages_bytes_max(self.limits.record_bytes_max);
         cmd.check(messages_max).map_err(Status::invalid_argument)?;
         if cmd.adds_data() && self.shared.disk_low.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Status::resource_exhausted(
@@ -342,7 +350,7 @@ impl Api {
     }
 }
 
-fn read_status(e: read::ReadError) -> Status {
+pub(crate) fn read_status(e: read::ReadError) -> Status {
     match e {
         read::ReadError::Trimmed { from, first } => trimmed(from, first),
         e => Status::internal(e.to_string()),

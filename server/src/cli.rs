@@ -72,6 +72,9 @@ pub enum ClientCommand {
     /// Leadership.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Named streams (docs/streams.md).
+    #[command(subcommand)]
+    Stream(StreamCommand),
     /// Discard the log below an offset on every node.
     Trim {
         #[arg(long)]
@@ -104,6 +107,74 @@ pub enum MembersCommand {
     /// Remove a node.
     Remove {
         id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// Create a stream (or confirm an identical one).
+    Create {
+        name: String,
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+        /// A sliding time to live, in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Append records to a stream (the arguments, or one per stdin line with none given).
+    Append {
+        name: String,
+        records: Vec<String>,
+        /// Append only if the stream holds exactly this many records.
+        #[arg(long)]
+        expected_version: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Read a stream from an offset (a byte position; empty name: all, from a log offset).
+    Read {
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a stream from an offset, then live records, until Ctrl-C or it closes.
+    Follow {
+        /// The stream; none: every stream and the single log, in log order.
+        name: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List streams.
+    Ls {
+        /// Only names starting with this.
+        #[arg(default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Describe a stream.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Close a stream: nothing more may be appended.
+    Close {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a stream.
+    Rm {
+        name: String,
         #[command(flatten)]
         target: Target,
     },
@@ -197,11 +268,193 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             let leader = connect(&target).await?.transfer_leader(NodeId(to)).await?;
             crate::outln!("leader is now node {leader}");
         }
+        ClientCommand::Stream(cmd) => stream(cmd).await?,
         ClientCommand::Trim { before, target } => {
             let first = connect(&target).await?.trim(Offset(before)).await?;
             crate::outln!("the log now starts at offset {first}");
         }
     }
+    Ok(())
+}
+
+/// `raftwal stream ...`.
+async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
+    use raftwal_client::proto;
+    let line = |r: &proto::StreamRecord| {
+        let data = String::from_utf8_lossy(&r.data);
+        if r.stream.is_empty() {
+            format!("{}\t{data}", r.offset)
+        } else {
+            format!("{}\t{}\t{data}", r.stream, r.offset)
+        }
+    };
+    match cmd {
+        StreamCommand::Create { name, content_type, ttl, target } => {
+            let request = proto::CreateStreamRequest {
+                name,
+                content_type,
+                ttl_secs: ttl,
+                ..Default::default()
+            };
+            let info = connect(&target).await?.create_stream(request).await?;
+            crate::outln!(
+                "{} {} ({}, next offset {})",
+                if info.created { "created" } else { "exists:" },
+                info.name,
+                info.content_type,
+                info.next_offset
+            );
+        }
+        StreamCommand::Append { name, records, expected_version, target } => {
+            stream_append(connect(&target).await?, &name, records, expected_version).await?
+        }
+        StreamCommand::Read { name, from, target } => {
+            let r = connect(&target).await?.read_stream(&name, from, 0).await?;
+            for rec in &r.records {
+                crate::outln!("{}", line(rec));
+            }
+            eprintln!(
+                "next offset {}{}{}",
+                r.next_offset,
+                if r.up_to_date { ", up to date" } else { "" },
+                if r.closed { ", closed" } else { "" }
+            );
+        }
+        StreamCommand::Follow { name, from, target } => {
+            let client = connect(&target).await?;
+            let mut follow = client.follow_stream(name.as_deref().unwrap_or(""), from);
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    event = follow.next() => match event {
+                        None => return Ok(()),
+                        Some(Ok(raftwal_client::StreamEvent::Records(records))) => {
+                            for r in &records {
+                                crate::outln!("{}", line(r));
+                            }
+                        }
+                        Some(Ok(raftwal_client::StreamEvent::CaughtUp { next_offset, closed })) => {
+                            if closed {
+                                eprintln!("-- the stream is closed at offset {next_offset}");
+                            } else {
+                                eprintln!("-- caught up at offset {next_offset}; live records follow");
+                            }
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        StreamCommand::Ls { prefix, target } => {
+            let client = connect(&target).await?;
+            let mut after = String::new();
+            loop {
+                let page = client.list_streams(&prefix, &after, 0).await?;
+                for s in &page.streams {
+                    crate::outln!(
+                        "{}\t{}\tversion {}\tnext offset {}{}",
+                        s.name,
+                        s.content_type,
+                        s.version,
+                        s.next_offset,
+                        if s.closed { "\tclosed" } else { "" }
+                    );
+                }
+                match page.streams.last() {
+                    Some(last) if page.more => after = last.name.clone(),
+                    _ => break,
+                }
+            }
+        }
+        StreamCommand::Describe { name, target } => {
+            let s = connect(&target).await?.describe_stream(&name).await?;
+            crate::outln!("{s:#?}");
+        }
+        StreamCommand::Close { name, target } => {
+            let r = connect(&target).await?.close_stream(&name, None).await?;
+            crate::outln!("closed at offset {} (version {})", r.next_offset, r.version);
+        }
+        StreamCommand::Rm { name, target } => {
+            connect(&target).await?.delete_stream(&name).await?;
+            crate::outln!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Records and bytes one stream append from standard input carries at most (one log entry
+/// holds a stream append: well under the default `record_bytes_max`, 1 MiB).
+const STREAM_BATCH_RECORDS: usize = 1000;
+const STREAM_BATCH_BYTES: usize = 256 << 10;
+
+/// `raftwal stream append`: the records given (one append), or one per line of standard input
+/// in batches, each once and in order (an idempotent producer of its own makes retries safe).
+async fn stream_append(
+    client: Client,
+    name: &str,
+    records: Vec<String>,
+    expected_version: Option<u64>,
+) -> anyhow::Result<()> {
+    use raftwal_client::{StreamAppendOptions, proto::StreamProducer};
+    // Unique per run: the process id and the start time.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let producer_id = format!("raftwal-cli-{}-{started}", std::process::id());
+    let mut sequence = 0;
+    let mut send = async |records: Vec<Vec<u8>>, expected_version| {
+        let options = StreamAppendOptions {
+            expected_version,
+            producer: Some(StreamProducer { id: producer_id.clone(), epoch: 0, sequence }),
+            close: false,
+        };
+        sequence += 1;
+        client.stream_append(name, records, options).await
+    };
+    if !records.is_empty() {
+        let n = records.len();
+        let r =
+            send(records.into_iter().map(String::into_bytes).collect(), expected_version).await?;
+        crate::outln!(
+            "appended {n} records to {name}: version {}, next offset {}",
+            r.version,
+            r.next_offset
+        );
+        return Ok(());
+    }
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let (mut batch, mut bytes, mut total, mut first) = (Vec::new(), 0usize, 0u64, true);
+    let mut last = None;
+    loop {
+        let line = lines.next_line().await?;
+        let full = batch.len() >= STREAM_BATCH_RECORDS || bytes >= STREAM_BATCH_BYTES;
+        if (line.is_none() || full) && !batch.is_empty() {
+            if first && line.is_some() && expected_version.is_some() {
+                bail!(
+                    "--expected-version takes input that fits one append ({STREAM_BATCH_RECORDS} \
+                     records, {} KiB); this input is larger",
+                    STREAM_BATCH_BYTES >> 10
+                );
+            }
+            let n = batch.len() as u64;
+            let expected = if first { expected_version } else { None };
+            last = Some(send(std::mem::take(&mut batch), expected).await?);
+            (bytes, total, first) = (0, total + n, false);
+        }
+        let Some(line) = line else { break };
+        if line.is_empty() {
+            continue;
+        }
+        bytes += line.len();
+        batch.push(line.into_bytes());
+    }
+    let Some(r) = last else { bail!("nothing to append") };
+    crate::outln!(
+        "appended {total} records to {name}: version {}, next offset {}",
+        r.version,
+        r.next_offset
+    );
     Ok(())
 }
 

@@ -28,6 +28,8 @@ pub mod node;
 pub mod read;
 pub mod shell;
 pub mod store;
+pub mod streams_api;
+pub mod streams_grpc;
 pub mod streams_http;
 
 pub use config::NodeConfig;

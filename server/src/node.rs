@@ -143,29 +143,32 @@ impl Node {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shutdown_rx_disk = shutdown_rx.clone();
+        // Named streams: served over gRPC on the client port, and over HTTP when configured.
+        let streams = crate::streams_api::StreamsApi::new(
+            shared.clone(),
+            driver.clone(),
+            Duration::from_millis(cfg.stream_long_poll_ms),
+            cfg.record_bytes_max,
+            (!cfg.client_plaintext).then_some(&pem),
+            shutdown_rx.clone(),
+        );
         let api_task = api::serve(
             &cfg,
             &pem,
             shared.clone(),
             driver.clone(),
+            streams.clone(),
             api_listener,
             shutdown_rx.clone(),
         )?;
-        let mut servers = Vec::new();
+        let mut servers = vec![tokio::spawn(crate::streams_api::sweep_expired(streams.clone()))];
         let mut streams_addr = None;
         if let Some(addr) = cfg.streams_addr()? {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot serve the streams API on {addr}"))?;
             streams_addr = Some(listener.local_addr()?);
-            let api = crate::streams_http::StreamsApi::new(
-                shared.clone(),
-                driver.clone(),
-                Duration::from_millis(cfg.stream_long_poll_ms),
-                cfg.record_bytes_max,
-                (!cfg.client_plaintext).then_some(&pem),
-                shutdown_rx.clone(),
-            );
+            let api = streams;
             let tls = if cfg.client_plaintext {
                 None
             } else {

@@ -52,15 +52,116 @@ pub fn read_page(
     records_max: usize,
     bytes_max: u64,
 ) -> Result<Page, ReadError> {
+    let mut records = Vec::new();
+    let next = scan(wal, view, readable, from, records_max, bytes_max, |index, data| {
+        Ok(envelope::record_bytes(data).map_or((0, 0), |data| {
+            let len = data.len() as u64;
+            records.push((index, data));
+            (1, len)
+        }))
+    })?;
+    Ok(Page { records, next })
+}
+
+/// One record of the whole log as a reader of every stream sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllRecord {
+    /// Its log offset; several messages of one stream command share it.
+    pub position: LogIndex,
+    /// Its stream; `None` for a record of the single log (the `Log` service's appends).
+    pub stream: Option<String>,
+    /// Where it starts in its stream (its log offset for the single log).
+    pub offset: u64,
+    /// Where the next record of its stream starts.
+    pub next_offset: u64,
+    /// Its bytes.
+    pub data: Bytes,
+}
+
+/// Every record in `[from, readable]` in log order: the single log's records and every
+/// stream's messages that are in a stream (an append a stream refused is in the log but in
+/// no stream, and a deleted stream's records are in none any more). `streams` looks a stream
+/// up by name. The messages of one command are never split across pages.
+pub fn read_all(
+    wal: &Wal,
+    view: impl Fn() -> ReadView,
+    streams: &dyn Fn(&str) -> Option<std::sync::Arc<crate::core::streams::StreamView>>,
+    readable: LogIndex,
+    from: LogIndex,
+    records_max: usize,
+    bytes_max: u64,
+) -> Result<(Vec<AllRecord>, LogIndex), ReadError> {
+    let mut out = Vec::new();
+    let next = scan(wal, view, readable, from, records_max, bytes_max, |index, data| {
+        if let Some(data) = envelope::record_bytes(data) {
+            let len = data.len() as u64;
+            out.push(AllRecord {
+                position: index,
+                stream: None,
+                offset: index.0,
+                next_offset: index.0 + 1,
+                data,
+            });
+            return Ok((1, len));
+        }
+        let Ok(envelope::Payload::Stream(cmd)) = envelope::decode(data) else {
+            return Ok((0, 0));
+        };
+        let Some(stream) = streams(cmd.name()).filter(|s| !s.soft_deleted) else {
+            return Ok((0, 0));
+        };
+        let Some((start, end)) = stream.index.span_of(index, stream.base) else {
+            return Ok((0, 0));
+        };
+        let (mut count, mut bytes, mut pos) = (0, 0, start);
+        for data in crate::core::streams::messages_of(cmd) {
+            if data.is_empty() {
+                continue;
+            }
+            let len = data.len() as u64;
+            out.push(AllRecord {
+                position: index,
+                stream: Some(stream.name.clone()),
+                offset: pos,
+                next_offset: pos + len,
+                data,
+            });
+            (count, bytes, pos) = (count + 1, bytes + len, pos + len);
+        }
+        if pos != end {
+            return Err(ReadError::Failed(format!(
+                "entry {index} of stream {} holds {} bytes, its index says {}",
+                stream.name,
+                pos - start,
+                end - start
+            )));
+        }
+        Ok((count, bytes))
+    })?;
+    Ok((out, next))
+}
+
+/// Walks the normal entries in `[from, readable]` that the view does not hide, handing each
+/// entry's payload to `take`, which says how many records and bytes it kept; stops after
+/// `records_max` records or about `bytes_max` bytes (at least one entry's worth). Returns
+/// where the next walk starts.
+fn scan(
+    wal: &Wal,
+    view: impl Fn() -> ReadView,
+    readable: LogIndex,
+    from: LogIndex,
+    records_max: usize,
+    bytes_max: u64,
+    mut take: impl FnMut(LogIndex, &Bytes) -> Result<(usize, u64), ReadError>,
+) -> Result<LogIndex, ReadError> {
     let from = from.max(LogIndex(1));
     let first = first_readable(wal, &view());
     if from < first {
         return Err(ReadError::Trimmed { from, first });
     }
-    let mut out = Vec::new();
     let mut next = from;
-    let mut bytes = 0u64;
-    while next <= readable && out.len() < records_max && bytes < bytes_max {
+    let (mut records, mut bytes) = (0usize, 0u64);
+    while next <= readable && records < records_max && bytes < bytes_max {
         let end = LogIndex((readable.0 + 1).min(next.0 + records_max as u64));
         let page = wal.read(next..end, bytes_max - bytes).map_err(|e| {
             // A trim or a log restart may have moved the start since it was checked.
@@ -78,7 +179,7 @@ pub fn read_page(
             return Err(ReadError::Trimmed { from, first: view.start });
         }
         for rec in page {
-            if out.len() >= records_max || (bytes >= bytes_max && !out.is_empty()) {
+            if records >= records_max || (bytes >= bytes_max && records > 0) {
                 break;
             }
             let index = rec.index();
@@ -87,13 +188,12 @@ pub fn read_page(
             if entry.kind != EntryKind::Normal || view.is_hidden(index) {
                 continue;
             }
-            if let Some(data) = envelope::record_bytes(&entry.data) {
-                bytes += data.len() as u64;
-                out.push((index, data));
-            }
+            let (n, b) = take(index, &entry.data)?;
+            records += n;
+            bytes += b;
         }
     }
-    Ok(Page { records: out, next })
+    Ok(next)
 }
 
 /// One message of a stream, known by the offset of its end.
@@ -101,6 +201,8 @@ pub fn read_page(
 pub struct StreamMessage {
     /// The stream offset right after it.
     pub end: u64,
+    /// The log offset of the command that holds it.
+    pub position: LogIndex,
     /// Its bytes.
     pub data: Bytes,
 }
@@ -186,7 +288,7 @@ fn read_stream_into(
             }
             if pos > from {
                 *bytes += data.len() as u64;
-                out.push(StreamMessage { end: pos, data });
+                out.push(StreamMessage { end: pos, position: index, data });
             }
         }
         debug_assert!(pos <= end || pos > limit);

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -31,16 +31,11 @@ use tokio::sync::watch;
 use crate::core::streams::{
     self, Command, CreateSpec, ForkSpec, ProducerTuple, StreamOutcome, StreamView,
 };
-use crate::core::{Reply, Request as NodeRequest, RequestError};
-use crate::read::{self, StreamMessage};
-use crate::shell::{DriverHandle, Shared};
+use crate::read::StreamMessage;
+use crate::streams_api::{Refusal, StreamsApi, UNSTAMPED, now_ms};
 
-/// How long a read waits for its barrier and for this node to apply up to it.
-const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes one catch-up response carries at most (whole messages; at least one).
 const READ_BYTES_MAX: u64 = 8 << 20;
-/// Room a command's own fields take in its log entry, besides the body.
-const COMMAND_OVERHEAD_MAX: u64 = 8 << 10;
 /// A body over the limit is still read (and dropped) up to this many bytes before the refusal.
 const DRAIN_BYTES_MAX: usize = 256 << 20;
 /// The cursor epoch (2024-10-09T00:00:00Z) and interval of the protocol's cache-busting cursor.
@@ -52,132 +47,6 @@ const EXPECTED_VERSION: &str = "raftwal-expected-version";
 /// Response header (raftwal's extension): the stream's version (messages it holds).
 const STREAM_VERSION: &str = "raftwal-stream-version";
 
-/// The time a command is built with: the leader's driver stamps its own just before proposing
-/// (`shell`), whoever built the command, so nothing here reads a clock for it.
-const UNSTAMPED: u64 = 0;
-
-/// How long a command forwarded to the leader may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the handlers share.
-#[derive(Clone, Debug)]
-pub struct StreamsApi {
-    shared: Arc<Shared>,
-    driver: DriverHandle,
-    long_poll: Duration,
-    body_bytes_max: u64,
-    forward: Forwarder,
-    /// Turns true when the node stops: live reads end.
-    stopping: watch::Receiver<bool>,
-}
-
-impl StreamsApi {
-    /// The API over a node's shared state and driver. `tls` (the cluster CA, this node's
-    /// certificate and key) reaches the leader's client API; `None`: it is plaintext.
-    pub fn new(
-        shared: Arc<Shared>,
-        driver: DriverHandle,
-        long_poll: Duration,
-        record_bytes_max: u64,
-        tls: Option<&crate::node::TlsPem>,
-        stopping: watch::Receiver<bool>,
-    ) -> StreamsApi {
-        let tls = tls.map(|pem| {
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&pem.ca))
-                .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
-        });
-        StreamsApi {
-            shared,
-            driver,
-            long_poll,
-            body_bytes_max: messages_bytes_max(record_bytes_max),
-            forward: Forwarder { tls, channels: Default::default() },
-            stopping,
-        }
-    }
-}
-
-/// The most message bytes one stream command carries: a log entry holds them and the
-/// command's other fields.
-pub fn messages_bytes_max(record_bytes_max: u64) -> u64 {
-    record_bytes_max.min(crate::config::RECORD_BYTES_CEILING - COMMAND_OVERHEAD_MAX)
-}
-
-/// Hands commands to the leader's client API, one channel per address.
-#[derive(Clone, Debug)]
-struct Forwarder {
-    tls: Option<tonic::transport::ClientTlsConfig>,
-    channels: Arc<parking_lot::Mutex<HashMap<String, tonic::transport::Channel>>>,
-}
-
-impl Forwarder {
-    fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, String> {
-        if let Some(c) = self.channels.lock().get(addr) {
-            return Ok(c.clone());
-        }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map_err(|e| format!("the leader's address {addr}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
-        if let Some(tls) = &self.tls {
-            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
-            endpoint = endpoint
-                .tls_config(tls.clone().domain_name(host))
-                .map_err(|e| format!("TLS to the leader at {addr}: {e}"))?;
-        }
-        let channel = endpoint.connect_lazy();
-        self.channels.lock().insert(addr.to_string(), channel.clone());
-        Ok(channel)
-    }
-
-    async fn send(&self, addr: &str, cmd: &Command) -> Result<StreamOutcome, Response> {
-        let unavailable = |why: String| {
-            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, why);
-            set(&mut r, "retry-after", 1);
-            r
-        };
-        let channel = self.channel(addr).map_err(unavailable)?;
-        let mut client = raftwal_client::proto::forward_client::ForwardClient::new(channel)
-            .max_encoding_message_size(usize::MAX);
-        let request = raftwal_client::proto::StreamCommandRequest {
-            command: crate::envelope::encode_stream(cmd).to_vec(),
-        };
-        let reply = match tokio::time::timeout(FORWARD_TIMEOUT, client.stream_command(request))
-            .await
-        {
-            Ok(Ok(reply)) => reply.into_inner(),
-            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                return Err(unavailable("the leader changed; retry".into()));
-            }
-            Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                return Err(text(StatusCode::BAD_REQUEST, status.message().to_string()));
-            }
-            Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
-                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, status.message().to_string());
-                set(&mut r, "retry-after", 1);
-                return Err(r);
-            }
-            Ok(Err(status)) => {
-                self.channels.lock().remove(addr);
-                return Err(unavailable(format!(
-                    "the leader at {addr} did not take the request (its outcome may be unknown): {}",
-                    status.message()
-                )));
-            }
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "the leader at {addr} did not answer in time; the outcome is unknown"
-                )));
-            }
-        };
-        serde_json::from_slice(&reply.outcome).map_err(|e| {
-            text(StatusCode::INTERNAL_SERVER_ERROR, format!("the leader's answer: {e}"))
-        })
-    }
-}
-
 /// Serves the streams API on `listener` until `shutdown`: over TLS with `tls`, else plain.
 pub fn serve(
     api: StreamsApi,
@@ -185,66 +54,22 @@ pub fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let sweeper = sweep_expired(api.clone());
     let app = Router::new().fallback(handle).with_state(api);
-    // One task: stopping it (the node's shutdown aborts and awaits it) drops the sweeper with
-    // the server, so nothing of this API holds the node's WAL once that returns.
     tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        let served = async move {
-            match tls {
-                None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
-                Some(tls) => {
-                    let listener = TlsListener::start(listener, tls);
-                    axum::serve(listener, app).with_graceful_shutdown(stop).await
-                }
+        let served = match tls {
+            None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+            Some(tls) => {
+                let listener = TlsListener::start(listener, tls);
+                axum::serve(listener, app).with_graceful_shutdown(stop).await
             }
         };
-        tokio::select! {
-            served = served => {
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "the streams HTTP server failed");
-                }
-            }
-            () = sweeper => {}
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the streams HTTP server failed");
         }
     })
-}
-
-/// Streams whose expiry no command has touched would stay in memory for good: the leader
-/// looks for them once a second and proposes their expiry (applied only if they have expired
-/// by the command's time, so a stream touched meanwhile stays).
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Expiries proposed per sweep at most.
-const SWEEP_MAX: usize = 1000;
-
-async fn sweep_expired(api: StreamsApi) {
-    loop {
-        tokio::time::sleep(SWEEP_EVERY).await;
-        if !api.leads() {
-            continue;
-        }
-        let now = now_ms();
-        let expired: Vec<String> = api
-            .shared
-            .streams
-            .read()
-            .values()
-            .filter(|v| !v.soft_deleted && v.expired(now))
-            .take(SWEEP_MAX)
-            .map(|v| v.name.clone())
-            .collect();
-        for name in expired {
-            // Not forwarded: only the leader sweeps; a refusal waits for the next sweep.
-            if let Ok(rx) =
-                api.driver.request(NodeRequest::Stream(Command::Expire { name, now_ms: UNSTAMPED }))
-            {
-                let _ = rx.await;
-            }
-        }
-    }
 }
 
 /// The streams port's TLS settings, from the node's certificate and key: TLS 1.3, HTTP/1.1,
@@ -384,6 +209,16 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
     r
 }
 
+impl From<Refusal> for Response {
+    fn from(r: Refusal) -> Response {
+        let mut resp = text(r.status, r.message);
+        if r.retry {
+            set(&mut resp, "retry-after", 1);
+        }
+        resp
+    }
+}
+
 fn set(r: &mut Response, name: &'static str, value: impl ToString) {
     if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
         r.headers_mut().insert(HeaderName::from_static(name), v);
@@ -434,10 +269,6 @@ fn parse_offset(s: &str) -> Option<u64> {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Response> {
     match h.get(name) {
         None => Ok(None),
@@ -463,7 +294,7 @@ fn strict_u64(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-fn valid_content_type(ct: &str) -> bool {
+pub(crate) fn valid_content_type(ct: &str) -> bool {
     let media = ct.split(';').next().unwrap_or("").trim();
     let Some((a, b)) = media.split_once('/') else { return false };
     let token = |x: &str| {
@@ -472,7 +303,7 @@ fn valid_content_type(ct: &str) -> bool {
     token(a) && token(b)
 }
 
-fn is_json(ct: &str) -> bool {
+pub(crate) fn is_json(ct: &str) -> bool {
     streams::media_type(ct) == "application/json"
 }
 
@@ -535,7 +366,7 @@ fn next_cursor(client: Option<&str>) -> u64 {
 
 /// Milliseconds since the epoch of an RFC 3339 timestamp (`2026-01-02T03:04:05.678Z`, or
 /// with a `+HH:MM` / `-HH:MM` offset).
-fn parse_rfc3339(s: &str) -> Option<u64> {
+pub(crate) fn parse_rfc3339(s: &str) -> Option<u64> {
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return None;
@@ -587,111 +418,7 @@ fn parse_rfc3339(s: &str) -> Option<u64> {
     u64::try_from(secs * 1000 + ms).ok()
 }
 
-/// What a refusal from the node becomes.
-fn node_error(shared: &Shared, e: RequestError) -> Response {
-    match e {
-        RequestError::NotLeader { leader } => {
-            let mut r = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                match leader {
-                    Some(id) => format!(
-                        "this node is not the leader; node {id} leads (client API at {})",
-                        shared.leader_addr(Some(id)).unwrap_or_default()
-                    ),
-                    None => "no leader is known; retry shortly".to_string(),
-                },
-            );
-            set(&mut r, "retry-after", 1);
-            r
-        }
-        RequestError::Overloaded(why) => {
-            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, format!("overloaded: {why}"));
-            set(&mut r, "retry-after", 1);
-            r
-        }
-        RequestError::Invalid(why) => text(StatusCode::BAD_REQUEST, why),
-        e => text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
-}
-
 impl StreamsApi {
-    fn view(&self, name: &str) -> Option<Arc<StreamView>> {
-        self.shared.streams.read().get(name).cloned()
-    }
-
-    /// Proposes a command (here, or at the leader) and waits for what applying it did.
-    async fn command(&self, cmd: Command) -> Result<StreamOutcome, Response> {
-        if let Err(why) = cmd.check(self.body_bytes_max) {
-            return Err(text(StatusCode::BAD_REQUEST, why));
-        }
-        if cmd.adds_data() && self.shared.disk_low.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(text(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "this node's disk is under its free-space watermark (disk_free_min_bytes): \
-                 writes are refused until space comes back; reads go on",
-            ));
-        }
-        let answer = match self.driver.request(NodeRequest::Stream(cmd.clone())) {
-            Ok(rx) => rx.await,
-            Err(e) => Ok(Err(e)),
-        };
-        match answer {
-            Ok(Ok(Reply::Stream(outcome))) => Ok(outcome),
-            Ok(Err(RequestError::NotLeader { leader: Some(id) })) if id != self.shared.id => {
-                let Some(addr) = self.shared.leader_addr(Some(id)) else {
-                    return Err(node_error(&self.shared, RequestError::NotLeader { leader: None }));
-                };
-                self.forward.send(&addr, &cmd).await
-            }
-            Ok(Ok(other)) => Err(text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("unexpected answer from the node: {other:?}"),
-            )),
-            Ok(Err(e)) => Err(node_error(&self.shared, e)),
-            Err(_) => Err(text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the node stopped; the outcome is unknown",
-            )),
-        }
-    }
-
-    /// A ReadIndex round, then this node applied everything it confirmed.
-    async fn barrier(&self) -> Result<(), Response> {
-        let rx =
-            self.driver.request(NodeRequest::ReadIndex).map_err(|e| node_error(&self.shared, e))?;
-        let index = match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
-            Ok(Ok(Ok(Reply::Index(index)))) => index,
-            Ok(Ok(Err(e))) => return Err(node_error(&self.shared, e)),
-            _ => return Err(text(StatusCode::SERVICE_UNAVAILABLE, "no leader confirmed the read")),
-        };
-        let mut readable = self.shared.readable.subscribe();
-        match tokio::time::timeout(BARRIER_TIMEOUT, readable.wait_for(|r| *r >= index)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(text(StatusCode::SERVICE_UNAVAILABLE, "this node did not catch up in time")),
-        }
-    }
-
-    /// The stream at `name` for a read: 404 when missing or expired (by this node's clock),
-    /// 410 when soft-deleted.
-    fn live_view(&self, name: &str) -> Result<Arc<StreamView>, Response> {
-        match self.view(name) {
-            Some(v) if v.soft_deleted => Err(text(StatusCode::GONE, "the stream was deleted")),
-            Some(v) if !v.expired(now_ms()) => Ok(v),
-            _ => Err(text(StatusCode::NOT_FOUND, "no such stream")),
-        }
-    }
-
-    fn read(
-        &self,
-        view: &StreamView,
-        from: u64,
-        bytes_max: u64,
-    ) -> Result<Vec<StreamMessage>, Response> {
-        let lookup = |name: &str| self.view(name);
-        read::read_stream(&self.shared.wal, &lookup, view, from, bytes_max)
-            .map_err(|e| text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-    }
-
     async fn body(&self, req: Request) -> Result<(HeaderMap, String, Bytes), Response> {
         let path = req.uri().path().to_string();
         let (parts, body) = req.into_parts();
@@ -898,18 +625,7 @@ impl StreamsApi {
             ));
         }
         let cmd = Command::Create { name: name.to_string(), now_ms: UNSTAMPED, spec, messages };
-        self.command(cmd).await
-    }
-
-    /// On a follower, waits until this node applied every write acknowledged before the
-    /// request: a write that consults the local state (a stream's JSON mode, a fork's source)
-    /// must see what the client already wrote through the leader.
-    async fn catch_up_if_follower(&self) -> Result<(), Response> {
-        if self.leads() { Ok(()) } else { self.barrier().await }
-    }
-
-    fn leads(&self) -> bool {
-        self.shared.status.read().role == raftwal_consensus::Role::Leader
+        Ok(self.command(cmd).await?)
     }
 
     // ----- POST -----
@@ -944,7 +660,7 @@ impl StreamsApi {
             Err(r) => return r,
         };
         if let Err(r) = self.catch_up_if_follower().await {
-            return r;
+            return r.into();
         }
         let mut messages = Vec::new();
         let mut content_type = None;
@@ -991,7 +707,7 @@ impl StreamsApi {
         };
         match self.command(cmd).await {
             Ok(outcome) => append_response(outcome, producer.as_ref(), close_only),
-            Err(r) => r,
+            Err(r) => r.into(),
         }
     }
 
@@ -1008,11 +724,11 @@ impl StreamsApi {
             params.entry(percent_decode(k)).or_default().push(v);
         }
         if let Err(r) = self.barrier().await {
-            return r;
+            return r.into();
         }
         let view = match self.live_view(&name) {
             Ok(v) => v,
-            Err(r) => return r,
+            Err(r) => return r.into(),
         };
         if head {
             return head_response(&view);
@@ -1040,22 +756,8 @@ impl StreamsApi {
             },
         };
         let cursor = params.get("cursor").and_then(|v| v.first()).cloned();
-        // A read refreshes a sliding time to live (a replicated touch: every node agrees when
-        // the stream expires).
-        // A read refreshes a sliding time to live: a replicated touch, at most once per quarter
-        // of the window (every read would be a write otherwise).
-        if let Some(ttl) = view.ttl_secs
-            && now_ms().saturating_sub(view.last_access_ms) >= ttl.saturating_mul(250)
-        {
-            let touch = Command::Touch { name: name.clone(), now_ms: UNSTAMPED };
-            match self.command(touch).await {
-                Ok(StreamOutcome::NotFound) => {
-                    return text(StatusCode::NOT_FOUND, "no such stream");
-                }
-                Ok(StreamOutcome::Gone) => return text(StatusCode::GONE, "the stream was deleted"),
-                Ok(_) => {}
-                Err(r) => return r,
-            }
+        if let Err(r) = self.touch_if_due(&view).await {
+            return r.into();
         }
         match live.as_deref() {
             Some("sse") => self.sse(name, view, from, cursor),
@@ -1076,7 +778,7 @@ impl StreamsApi {
         let json = is_json(&view.content_type);
         let messages = match self.read(view, from, READ_BYTES_MAX) {
             Ok(m) => m,
-            Err(r) => return r,
+            Err(r) => return r.into(),
         };
         // Past the tail (or at it) a read is empty and names the tail.
         let next = messages.last().map_or(view.tail, |m| m.end);
@@ -1136,7 +838,7 @@ impl StreamsApi {
             };
             let messages = match self.read(&view, from, READ_BYTES_MAX) {
                 Ok(m) => m,
-                Err(r) => return r,
+                Err(r) => return r.into(),
             };
             if let Some(last) = messages.last() {
                 let next = last.end;
@@ -1303,7 +1005,7 @@ impl StreamsApi {
         match self.command(Command::Delete { name, now_ms: UNSTAMPED }).await {
             Ok(StreamOutcome::Deleted) => empty(StatusCode::NO_CONTENT),
             Ok(outcome) => outcome_error(outcome),
-            Err(r) => r,
+            Err(r) => r.into(),
         }
     }
 }

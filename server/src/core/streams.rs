@@ -159,12 +159,18 @@ impl Command {
                 return Ok(());
             }
         };
-        if messages.len() > 2 {
-            return Err("a command carries at most two messages".into());
+        if messages.len() as u64 > crate::envelope::BATCH_RECORDS_MAX {
+            return Err(format!(
+                "a command carries at most {} messages",
+                crate::envelope::BATCH_RECORDS_MAX
+            ));
         }
-        let bytes: u64 = messages.iter().map(|m| m.len() as u64).sum();
+        // Each message takes its bytes and a 4-byte length in the entry.
+        let bytes: u64 = messages.iter().map(|m| m.len() as u64 + 4).sum();
         if bytes > messages_max {
-            return Err(format!("the messages are over {messages_max} bytes"));
+            return Err(format!(
+                "the messages are over {messages_max} bytes (4 bytes of framing each included)"
+            ));
         }
         Ok(())
     }
@@ -250,6 +256,25 @@ impl StreamIndex {
             }
         }
         lo
+    }
+
+    /// Where the messages of the command at log offset `index` lie in the stream (start and
+    /// end offsets), if that command appended to it. Log offsets increase along the index.
+    pub fn span_of(&self, index: LogIndex, base: u64) -> Option<(u64, u64)> {
+        let (mut lo, mut hi) = (0, self.len);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.get(mid).1 < index {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        if lo == self.len || self.get(lo).1 != index {
+            return None;
+        }
+        let start = if lo == 0 { base } else { self.get(lo - 1).0 };
+        Some((start, self.get(lo).0))
     }
 
     /// The commands from position `from` on, as (start offset, end offset, log index).
