@@ -132,6 +132,14 @@ pub enum StreamCommand {
         /// Append only if the stream holds exactly this many records.
         #[arg(long)]
         expected_version: Option<u64>,
+        /// Append as this idempotent producer (with --epoch and --seq; records given as
+        /// arguments): a newer epoch of the same producer fences older ones.
+        #[arg(long, requires_all = ["epoch", "seq"])]
+        producer: Option<String>,
+        #[arg(long, requires = "producer")]
+        epoch: Option<u64>,
+        #[arg(long, requires = "producer")]
+        seq: Option<u64>,
         #[command(flatten)]
         target: Target,
     },
@@ -305,8 +313,36 @@ async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
                 info.next_offset
             );
         }
-        StreamCommand::Append { name, records, expected_version, target } => {
-            stream_append(connect(&target).await?, &name, records, expected_version).await?
+        StreamCommand::Append { name, records, expected_version, producer, epoch, seq, target } => {
+            let client = connect(&target).await?;
+            if let Some(id) = producer {
+                if records.is_empty() {
+                    bail!("--producer takes records given as arguments");
+                }
+                let n = records.len();
+                let options = raftwal_client::StreamAppendOptions {
+                    expected_version,
+                    producer: Some(proto::StreamProducer {
+                        id,
+                        epoch: epoch.unwrap_or(0),
+                        sequence: seq.unwrap_or(0),
+                    }),
+                    close: false,
+                };
+                let records = records.into_iter().map(String::into_bytes);
+                let r = client.stream_append(&name, records, options).await?;
+                if r.duplicate {
+                    crate::outln!("a retry of an append {name} took before: nothing appended");
+                } else {
+                    crate::outln!(
+                        "appended {n} records to {name}: version {}, next offset {}",
+                        r.version,
+                        r.next_offset
+                    );
+                }
+            } else {
+                stream_append(client, &name, records, expected_version).await?
+            }
         }
         StreamCommand::Read { name, from, target } => {
             let r = connect(&target).await?.read_stream(&name, from, 0).await?;
