@@ -120,6 +120,9 @@ pub struct NodeConfig {
     pub max_client_connections: u64,
     /// Open connections to the HTTP admin port; over it, closed at once and counted.
     pub max_http_connections: u64,
+    /// Open connections to the streams (Durable Streams HTTP) port; over it, closed at once
+    /// and counted.
+    pub max_stream_connections: u64,
     /// Requests in flight per AppendStream.
     pub append_stream_window: u32,
     /// Producers whose last sequence is remembered (least recent forgotten first).
@@ -169,6 +172,7 @@ impl NodeConfig {
             followers_max: 1024,
             max_client_connections: 10_000,
             max_http_connections: 256,
+            max_stream_connections: 10_000,
             append_stream_window: 64,
             producers_max: 20_000,
             segment_bytes: 64 << 20,
@@ -262,8 +266,13 @@ impl NodeConfig {
         if self.appends_inflight_bytes_max < self.request_bytes_max {
             bail!("appends_inflight_bytes_max must be at least request_bytes_max");
         }
-        if self.max_client_connections == 0 || self.max_http_connections == 0 {
-            bail!("max_client_connections and max_http_connections must be > 0");
+        if self.max_client_connections == 0
+            || self.max_http_connections == 0
+            || self.max_stream_connections == 0
+        {
+            bail!(
+                "max_client_connections, max_http_connections and max_stream_connections must be > 0"
+            );
         }
         if self.appends_inflight_max == 0
             || self.followers_max == 0

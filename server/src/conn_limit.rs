@@ -1,4 +1,5 @@
-//! Bounds on open client connections, for the gRPC port and the HTTP admin port.
+//! Bounds on open client connections, for the gRPC port, the HTTP admin port and the streams
+//! port.
 //!
 //! Every connection holds a file descriptor; with no bound, enough clients run the process out
 //! of descriptors, and the next WAL segment could not be opened. Over the bound a new connection
@@ -156,9 +157,14 @@ pub fn grpc_incoming(listener: TcpListener, max: usize) -> ReceiverStream<io::Re
 pub struct HttpListener(Acceptor);
 
 impl HttpListener {
-    /// At most `max` connections open on `listener`.
-    pub fn new(listener: TcpListener, max: usize) -> HttpListener {
-        HttpListener(Acceptor::new(listener, max, "http"))
+    /// At most `max` connections open on `listener`; `port` names it in metrics and logs.
+    pub fn new(listener: TcpListener, max: usize, port: &'static str) -> HttpListener {
+        HttpListener(Acceptor::new(listener, max, port))
+    }
+
+    /// The next connection within the bound.
+    pub async fn accept_limited(&mut self) -> (Limited, std::net::SocketAddr) {
+        self.0.accept().await
     }
 }
 

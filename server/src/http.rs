@@ -88,7 +88,7 @@ pub fn serve(
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        let listener = crate::conn_limit::HttpListener::new(listener, max_connections);
+        let listener = crate::conn_limit::HttpListener::new(listener, max_connections, "http");
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!(error = %e, "the HTTP admin port stopped");
         }

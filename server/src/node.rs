@@ -174,7 +174,13 @@ impl Node {
             } else {
                 Some(crate::streams_http::tls_config(&pem, cfg.client_auth)?)
             };
-            servers.push(crate::streams_http::serve(api, listener, tls, shutdown_rx.clone()));
+            servers.push(crate::streams_http::serve(
+                api,
+                listener,
+                cfg.max_stream_connections as usize,
+                tls,
+                shutdown_rx.clone(),
+            ));
         }
         let http_task = http::serve(
             shared.clone(),

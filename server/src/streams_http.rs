@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use crate::core::streams::{
     self, Command, CreateSpec, ForkSpec, ProducerTuple, StreamOutcome, StreamView,
 };
+use crate::conn_limit::{HttpListener, Limited};
 use crate::read::StreamMessage;
 use crate::streams_api::{Refusal, StreamsApi, UNSTAMPED, now_ms};
 
@@ -48,12 +49,15 @@ const EXPECTED_VERSION: &str = "raftwal-expected-version";
 const STREAM_VERSION: &str = "raftwal-stream-version";
 
 /// Serves the streams API on `listener` until `shutdown`: over TLS with `tls`, else plain.
+/// At most `max_connections` are open at once (`conn_limit`).
 pub fn serve(
     api: StreamsApi,
     listener: tokio::net::TcpListener,
+    max_connections: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let listener = HttpListener::new(listener, max_connections, "streams");
     let app = Router::new().fallback(handle).with_state(api);
     tokio::spawn(async move {
         let stop = async move {
@@ -114,10 +118,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts TCP connections and hands over those whose TLS handshake completed; handshakes run
 /// on their own tasks, so a slow client never holds up the others.
 struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        std::net::SocketAddr,
-    )>,
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<Limited>, std::net::SocketAddr)>,
     local: std::net::SocketAddr,
     acceptor: tokio::task::JoinHandle<()>,
 }
@@ -130,22 +131,15 @@ impl Drop for TlsListener {
 }
 
 impl TlsListener {
-    fn start(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>) -> TlsListener {
+    fn start(mut listener: HttpListener, tls: Arc<rustls::ServerConfig>) -> TlsListener {
+        use axum::serve::Listener as _;
         let local = listener.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let task = tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(error = %e, "streams API: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
+                // Within the connection bound; a failed accept pauses (conn_limit).
+                let (tcp, peer) = listener.accept_limited().await;
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -165,7 +159,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = tokio_rustls::server::TlsStream<Limited>;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

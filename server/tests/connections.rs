@@ -37,6 +37,7 @@ async fn connections_over_the_bound_are_closed_and_served_again_once_others_clos
     let c = Cluster::start_with(1, 0, |_, cfg| {
         cfg.max_client_connections = 3;
         cfg.max_http_connections = 2;
+        cfg.max_stream_connections = 2;
     })
     .await;
     c.leader().await;
@@ -62,6 +63,19 @@ async fn connections_over_the_bound_are_closed_and_served_again_once_others_clos
     let mut body = String::new();
     s.read_to_string(&mut body).await.expect("read");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+
+    let streams = c.nodes[&1].streams_addr.expect("the streams port is served");
+    let held = hold(streams, 2).await;
+    assert!(refused(streams).await, "a third streams connection must be closed");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = TcpStream::connect(streams).await.expect("connect");
+    s.write_all(b"HEAD /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("read");
+    assert!(body.starts_with("HTTP/1.1 404"), "{body}");
 
     let metrics = raftwal_server::http::prometheus().render();
     assert!(metrics.contains("raftwal_server_connections_refused_total"), "counted");
