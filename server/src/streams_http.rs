@@ -28,10 +28,10 @@ use axum::response::Response;
 use base64::Engine as _;
 use tokio::sync::watch;
 
+use crate::conn_limit::{HttpListener, Limited};
 use crate::core::streams::{
     self, Command, CreateSpec, ForkSpec, ProducerTuple, StreamOutcome, StreamView,
 };
-use crate::conn_limit::{HttpListener, Limited};
 use crate::read::StreamMessage;
 use crate::streams_api::{Refusal, StreamsApi, UNSTAMPED, now_ms};
 
@@ -118,7 +118,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts TCP connections and hands over those whose TLS handshake completed; handshakes run
 /// on their own tasks, so a slow client never holds up the others.
 struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<Limited>, std::net::SocketAddr)>,
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<Limited>,
+        std::net::SocketAddr,
+    )>,
     local: std::net::SocketAddr,
     acceptor: tokio::task::JoinHandle<()>,
 }
@@ -557,6 +560,15 @@ impl StreamsApi {
                 return Err(text(
                     StatusCode::BAD_REQUEST,
                     "the fork offset is beyond the source's tail",
+                ));
+            }
+            // Offsets name message ends: one inside a message would cut it.
+            if offset > 0
+                && self.read(&source, offset - 1, 1)?.first().map(|m| m.end) != Some(offset)
+            {
+                return Err(text(
+                    StatusCode::BAD_REQUEST,
+                    "the fork offset is inside a message of the source",
                 ));
             }
             if sub_offset > 0 {

@@ -64,6 +64,11 @@ fn serving_uncommitted_entries_is_caught() {
     caught(PlantedBug::ServeUncommitted);
 }
 
+#[test]
+fn applying_a_stream_producers_retry_twice_is_caught() {
+    caught(PlantedBug::SkipStreamDedup);
+}
+
 /// Seeds that once found a bug, kept: 1481 (3 nodes), a leader that removed itself stepped down
 /// before the remaining voter learned the removal had committed, and that voter, still counting
 /// the old leader in its quorum, never got its vote: no leader, for good. The removed leader now
@@ -78,7 +83,9 @@ const REGRESSION_SEEDS: &[(u64, u64)] = &[(1481, 3), (5736, 5), (15843, 3), (172
 #[test]
 fn regression_seeds_hold_every_property() {
     for &(seed, nodes) in REGRESSION_SEEDS {
-        let report = harness::run(harness::Options::new(seed, nodes));
+        // As when they were found: before the simulation had writers of named streams.
+        let report =
+            harness::run(harness::Options { named: false, ..harness::Options::new(seed, nodes) });
         assert!(report.violations.is_empty(), "seed {seed}: {:#?}", report.violations);
     }
 }
@@ -94,9 +101,13 @@ fn a_leader_whose_disk_stalls_hands_over_and_appends_resume() {
     const STALL: u64 = 2_000;
     for seed in 1..=10 {
         let nodes = if seed % 2 == 1 { 3 } else { 5 };
+        // Without named streams, as when the scenario was written: their load moves the
+        // membership operator's timing, and seed 3 then shrinks the voters to two, one of them
+        // the stalled node, so no quorum exists until the stall ends (not a hand-over failure).
         let options = harness::Options {
             faults: false,
             stall_leader: Some((AT, STALL)),
+            named: false,
             ..harness::Options::new(seed, nodes)
         };
         let report = harness::run(options);

@@ -232,6 +232,16 @@ async fn bad_input_is_answered_4xx_and_changes_nothing() {
             Vec::new(),
             400,
         ),
+        (
+            "PUT",
+            "/t".into(),
+            vec![
+                ("stream-forked-from", "/j"),
+                ("stream-fork-offset", "0000000000000000_0000000000000001"),
+            ],
+            Vec::new(),
+            400,
+        ),
         ("PUT", "/j".into(), vec![("content-type", "text/plain")], Vec::new(), 409),
         ("PUT", long_name, vec![], Vec::new(), 400),
         ("PATCH", "/j".into(), vec![], Vec::new(), 405),

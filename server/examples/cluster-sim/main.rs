@@ -79,6 +79,7 @@ fn name(bug: raftwal_server::core::PlantedBug) -> &'static str {
         AckBeforeQuorum => "ack-before-quorum",
         SkipDedup => "skip-dedup",
         ServeUncommitted => "serve-uncommitted",
+        SkipStreamDedup => "skip-stream-dedup",
     }
 }
 

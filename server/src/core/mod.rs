@@ -267,6 +267,8 @@ pub enum PlantedBug {
     SkipDedup,
     /// Let readers see entries the leader wrote before they commit.
     ServeUncommitted,
+    /// Apply a stream producer's retry of an applied (epoch, sequence) again.
+    SkipStreamDedup,
 }
 
 impl std::str::FromStr for PlantedBug {
@@ -277,8 +279,10 @@ impl std::str::FromStr for PlantedBug {
             "ack-before-quorum" => Ok(PlantedBug::AckBeforeQuorum),
             "skip-dedup" => Ok(PlantedBug::SkipDedup),
             "serve-uncommitted" => Ok(PlantedBug::ServeUncommitted),
+            "skip-stream-dedup" => Ok(PlantedBug::SkipStreamDedup),
             _ => Err(format!(
-                "unknown bug {s:?}: ack-before-quorum, skip-dedup or serve-uncommitted"
+                "unknown bug {s:?}: ack-before-quorum, skip-dedup, serve-uncommitted or \
+                 skip-stream-dedup"
             )),
         }
     }
@@ -335,6 +339,7 @@ impl NodeCore {
     /// A core over `raw`, whose log starts with `members` (the membership at the log start and
     /// the addresses kept with it) and whose saved hard state is `saved`.
     pub fn new(config: CoreConfig, raw: RawNode<WalStore>, members: Members) -> NodeCore {
+        let planted_stream_bug = config.planted == Some(PlantedBug::SkipStreamDedup);
         let store = raw.store();
         let first_index = store.first_index();
         let saved = store.wal().hard_state();
@@ -346,7 +351,7 @@ impl NodeCore {
             config,
             raw,
             log,
-            streams: streams::Streams::new(),
+            streams: streams::Streams::new(planted_stream_bug),
             stream_replies: Vec::new(),
             members,
             waiters: Waiters::default(),

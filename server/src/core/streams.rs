@@ -347,12 +347,14 @@ pub struct Streams {
     by_name: BTreeMap<String, Stream>,
     /// Streams a command changed since the last [`Streams::take_changed`].
     changed: BTreeMap<String, ()>,
+    /// The simulation's planted bug: a producer's applied sequence applies again.
+    skip_dedup: bool,
 }
 
 impl Streams {
     /// No streams.
-    pub fn new() -> Streams {
-        Streams::default()
+    pub fn new(planted_skip_dedup: bool) -> Streams {
+        Streams { skip_dedup: planted_skip_dedup, ..Streams::default() }
     }
 
     /// Whether there are none.
@@ -601,7 +603,7 @@ impl Streams {
                 }
                 Some(&(epoch, _)) if p.epoch > epoch => {}
                 Some(&(epoch, last)) => {
-                    if p.seq <= last {
+                    if p.seq <= last && !self.skip_dedup {
                         return StreamOutcome::Duplicate {
                             tail: s.view.tail,
                             closed: s.view.closed,
@@ -1013,7 +1015,7 @@ mod tests {
 
     #[test]
     fn appends_move_the_tail_and_the_index_finds_them() {
-        let mut s = Streams::new();
+        let mut s = Streams::new(false);
         assert!(matches!(
             s.apply(LogIndex(1), create("s", 1, "text/plain")),
             StreamOutcome::Created { tail: 0, .. }
@@ -1037,7 +1039,7 @@ mod tests {
 
     #[test]
     fn producers_are_fenced_by_epoch_and_deduplicated_by_sequence() {
-        let mut s = Streams::new();
+        let mut s = Streams::new(false);
         s.apply(LogIndex(1), create("s", 1, "text/plain"));
         assert!(matches!(
             s.apply(LogIndex(2), append("s", "a", Some(("p", 0, 0)))),
@@ -1073,7 +1075,7 @@ mod tests {
 
     #[test]
     fn a_closed_stream_refuses_appends_except_the_closing_retry() {
-        let mut s = Streams::new();
+        let mut s = Streams::new(false);
         s.apply(LogIndex(1), create("s", 1, "text/plain"));
         let mut closing = append("s", "end", Some(("p", 0, 0)));
         if let Command::Append { close, .. } = &mut closing {
@@ -1101,7 +1103,7 @@ mod tests {
 
     #[test]
     fn the_leaders_sweep_removes_only_streams_expired_by_its_command_time() {
-        let mut s = Streams::new();
+        let mut s = Streams::new(false);
         let ttl = |name: &str| Command::Create {
             name: name.into(),
             now_ms: 1_000,
@@ -1128,7 +1130,7 @@ mod tests {
 
     #[test]
     fn forks_hold_their_source_until_deleted_and_expiry_uses_command_time() {
-        let mut s = Streams::new();
+        let mut s = Streams::new(false);
         s.apply(LogIndex(1), create("src", 1, "text/plain"));
         s.apply(LogIndex(2), append("src", "abc", None));
         let fork = Command::Create {

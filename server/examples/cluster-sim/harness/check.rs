@@ -70,8 +70,86 @@ impl Sim {
         check_unique_and_in_producer_order(&log, &mut v);
         self.check_real_time(acked, &mut v);
         self.check_reads_and_follows(&log, &mut v);
+        self.check_named_streams(&mut v);
         v.truncate(20);
         self.violations.extend(v);
+    }
+
+    /// Named streams: on every node each writer's stream holds its messages once each, in
+    /// (epoch, sequence) order, its version counting them; the nodes agree (each holds a prefix
+    /// of what the node that applied the most holds); and that node holds every message a
+    /// writer was told was appended.
+    fn check_named_streams(&mut self, v: &mut Vec<String>) {
+        for k in 0..self.named.len() {
+            let (name, acked) = (self.named[k].stream.clone(), self.named[k].acked.clone());
+            let mut lists: Vec<(LogIndex, u64, Vec<String>)> = Vec::new();
+            for n in &self.nodes {
+                let Some(l) = n.live.as_ref() else { continue };
+                let Some(view) = l.streams.get(&name) else {
+                    lists.push((l.readable, n.id.0, Vec::new()));
+                    continue;
+                };
+                let lookup = |s: &str| l.streams.get(s).cloned();
+                let messages = match raftwal_server::read::read_stream(
+                    l.storage.wal(),
+                    &lookup,
+                    view,
+                    0,
+                    u64::MAX,
+                ) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        v.push(format!("node {}: read of {name} failed: {e}", n.id));
+                        continue;
+                    }
+                };
+                let texts: Vec<String> = messages
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+                    .collect();
+                if view.version != texts.len() as u64 {
+                    v.push(format!(
+                        "node {}: {name} says version {} but holds {} messages",
+                        n.id,
+                        view.version,
+                        texts.len()
+                    ));
+                }
+                let order: Vec<(u64, u64)> = texts
+                    .iter()
+                    .filter_map(|t| {
+                        let (e, s) =
+                            t.trim_end_matches(';').split_once("-e")?.1.split_once("-s")?;
+                        Some((e.parse().ok()?, s.parse().ok()?))
+                    })
+                    .collect();
+                if let Some(w) = order.windows(2).find(|w| w[0] >= w[1]) {
+                    v.push(format!(
+                        "node {}: {name} holds (epoch, sequence) {:?} then {:?}: a repeat or out of order",
+                        n.id, w[0], w[1]
+                    ));
+                }
+                lists.push((l.readable, n.id.0, texts));
+            }
+            let Some((_, most_id, most)) = lists.iter().max_by_key(|l| (l.0, l.2.len())).cloned()
+            else {
+                continue;
+            };
+            for (_, id, list) in &lists {
+                if most.get(..list.len()) != Some(&list[..]) {
+                    v.push(format!(
+                        "node {id}'s {name} is not a prefix of node {most_id}'s: {list:?} vs {most:?}"
+                    ));
+                }
+            }
+            for m in &acked {
+                if !most.contains(m) {
+                    v.push(format!(
+                        "{name}: {m} was acknowledged but node {most_id} does not hold it"
+                    ));
+                }
+            }
+        }
     }
 
     /// Every node's membership changes, by index and term (`SIM_TRACE=1`).

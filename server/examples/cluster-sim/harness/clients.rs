@@ -130,6 +130,10 @@ impl Sim {
             self.stream_reply(k, op, outcome);
             return;
         }
+        if let Some(k) = self.named_requests.remove(&id) {
+            self.named_reply(k, outcome);
+            return;
+        }
         let Some(op) = self.requests.remove(&id) else { return };
         let c = self.ops[op].client as usize;
         if self.clients[c].current.is_some_and(|(o, ..)| o == op) {

@@ -11,6 +11,7 @@
 mod check;
 mod clients;
 mod members;
+mod named;
 mod streamers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -54,12 +55,15 @@ pub struct Options {
     pub faults: bool,
     /// Stall the leader's disk at this time for this long (ms): its writes do not complete.
     pub stall_leader: Option<(u64, u64)>,
+    /// Writers of named streams too (trims are then refused: the log holds streams).
+    pub named: bool,
 }
 
 impl Options {
-    /// A run of `seed` on `nodes` nodes with random faults, no planted bug, no scenario.
+    /// A run of `seed` on `nodes` nodes with random faults, no planted bug, no scenario; half
+    /// the seeds (2 and 3 modulo 4) with writers of named streams.
     pub fn new(seed: u64, nodes: u64) -> Options {
-        Options { seed, nodes, bug: None, faults: true, stall_leader: None }
+        Options { seed, nodes, bug: None, faults: true, stall_leader: None, named: seed % 4 >= 2 }
     }
 }
 
@@ -95,6 +99,8 @@ struct Live {
     next_tick_ms: u64,
     /// The last role, leader and term seen, to log changes.
     role: (Role, Option<NodeId>, raftwal_consensus::Term),
+    /// The named streams as this node published them.
+    streams: HashMap<String, Arc<raftwal_server::core::streams::StreamView>>,
 }
 
 struct SimNode {
@@ -197,6 +203,10 @@ struct Sim {
     streamers: Vec<Streamer>,
     /// Request id -> (streamer, op).
     stream_requests: HashMap<u64, (usize, usize)>,
+    /// Writers of named streams, their requests (id -> writer) and their own random draws.
+    named: Vec<named::NamedWriter>,
+    named_requests: HashMap<u64, usize>,
+    named_rng: SplitMix64,
     /// The operator changing the membership, and its request in flight.
     members: members::MemberPlan,
     member_requests: HashMap<u64, raftwal_consensus::ConfChange>,
@@ -303,6 +313,13 @@ impl Sim {
                 })
                 .collect(),
             stream_requests: HashMap::new(),
+            named: if opts.named {
+                (0..2).map(|k| named::NamedWriter::new(k, NodeId(1 + k as u64))).collect()
+            } else {
+                Vec::new()
+            },
+            named_requests: HashMap::new(),
+            named_rng: SplitMix64::new(opts.seed ^ 0x5e7a_11ed_0057),
             members: members::MemberPlan::new(NodeId(opts.nodes + 1)),
             member_requests: HashMap::new(),
             ops: Vec::new(),
@@ -361,6 +378,7 @@ impl Sim {
                     view: ReadView::default(),
                     next_tick_ms: self.now + TICK_MS,
                     role: (Role::Follower, None, raftwal_consensus::Term(0)),
+                    streams: HashMap::new(),
                 });
                 let line = format!("node {} starts (incarnation {})", node.id, node.incarnation);
                 self.log(line);
@@ -420,6 +438,9 @@ impl Sim {
             }
             for k in 0..self.streamers.len() {
                 self.step_streamer(k);
+            }
+            for k in 0..self.named.len() {
+                self.step_named(k);
             }
             self.step_members();
         }
@@ -706,10 +727,16 @@ impl Sim {
                     }
                     Ok(())
                 }
-                Action::Reach(_)
-                | Action::Unreach(_)
-                | Action::Forget(_)
-                | Action::PublishStreams(_) => Ok(()),
+                Action::PublishStreams(changed) => {
+                    for (name, view) in changed {
+                        match view {
+                            Some(v) => live.streams.insert(name, v),
+                            None => live.streams.remove(&name),
+                        };
+                    }
+                    Ok(())
+                }
+                Action::Reach(_) | Action::Unreach(_) | Action::Forget(_) => Ok(()),
             };
             if let Err(e) = stored {
                 let line = format!("{e}");
