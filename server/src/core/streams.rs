@@ -387,6 +387,172 @@ impl Streams {
             .collect()
     }
 
+    /// The lowest log offset a stream still reads its records from (`None`: none does). A
+    /// trim goes no lower, so no stream loses a record; the same on every node (the state).
+    pub fn pin(&self) -> Option<LogIndex> {
+        self.by_name.values().filter(|s| s.view.index.len > 0).map(|s| s.view.index.get(0).1).min()
+    }
+
+    /// Every stream with its settings, producers and index: a checkpoint's contents.
+    pub fn encode_state(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(STATE_FORMAT);
+        b.put_u32_le(self.by_name.len() as u32);
+        for s in self.by_name.values() {
+            let v = &s.view;
+            put_str(&mut b, &v.name);
+            b.put_u64_le(v.incarnation.0);
+            put_str(&mut b, &v.content_type);
+            put_opt_u64(&mut b, v.ttl_secs);
+            put_opt_expiry(&mut b, v.expires_at.as_ref());
+            b.put_u64_le(v.last_access_ms);
+            b.put_u8(u8::from(v.closed));
+            b.put_u8(u8::from(v.soft_deleted));
+            b.put_u64_le(v.base);
+            b.put_u64_le(v.tail);
+            b.put_u64_le(v.version);
+            match &v.fork {
+                Some((from, incarnation, at)) => {
+                    b.put_u8(1);
+                    put_str(&mut b, from);
+                    b.put_u64_le(incarnation.0);
+                    b.put_u64_le(*at);
+                }
+                None => b.put_u8(0),
+            }
+            b.put_u64_le(v.index.len as u64);
+            for chunk in &v.index.chunks {
+                for (end, index) in chunk.iter() {
+                    b.put_u64_le(*end);
+                    b.put_u64_le(index.0);
+                }
+            }
+            put_str(&mut b, &s.spec.content_type);
+            put_opt_u64(&mut b, s.spec.ttl_secs);
+            put_opt_expiry(&mut b, s.spec.expires_at.as_ref());
+            b.put_u8(u8::from(s.spec.closed));
+            match &s.spec.fork {
+                Some(f) => {
+                    b.put_u8(1);
+                    put_str(&mut b, &f.from);
+                    b.put_u64_le(f.from_incarnation.0);
+                    b.put_u64_le(f.offset);
+                    b.put_u8(u8::from(f.offset_given));
+                    b.put_u64_le(f.sub_offset);
+                }
+                None => b.put_u8(0),
+            }
+            b.put_u32_le(s.producers.len() as u32);
+            for (id, (epoch, seq)) in &s.producers {
+                put_str(&mut b, id);
+                b.put_u64_le(*epoch);
+                b.put_u64_le(*seq);
+            }
+            match &s.closed_by {
+                Some(p) => {
+                    b.put_u8(1);
+                    put_str(&mut b, &p.id);
+                    b.put_u64_le(p.epoch);
+                    b.put_u64_le(p.seq);
+                }
+                None => b.put_u8(0),
+            }
+            put_opt_str(&mut b, s.stream_seq.as_deref());
+            b.put_u64_le(s.forks);
+        }
+        b.freeze()
+    }
+
+    /// The streams a checkpoint holds (`planted_skip_dedup` as for [`Streams::new`]); every
+    /// one counts as changed, so that readers see them all.
+    pub fn decode_state(data: &Bytes, planted_skip_dedup: bool) -> Result<Streams, Malformed> {
+        let mut r = Reader { data, at: 0 };
+        if r.u8()? != STATE_FORMAT {
+            return Err(Malformed("unknown stream state format"));
+        }
+        let mut out = Streams::new(planted_skip_dedup);
+        for _ in 0..r.u32()? {
+            let name = r.str()?;
+            let incarnation = LogIndex(r.u64()?);
+            let content_type = r.str()?;
+            let ttl_secs = r.opt_u64()?;
+            let expires_at = r.opt_expiry()?;
+            let last_access_ms = r.u64()?;
+            let closed = r.u8()? == 1;
+            let soft_deleted = r.u8()? == 1;
+            let (base, tail, version) = (r.u64()?, r.u64()?, r.u64()?);
+            let fork =
+                if r.u8()? == 1 { Some((r.str()?, LogIndex(r.u64()?), r.u64()?)) } else { None };
+            let len = r.u64()?;
+            // Each entry takes 16 bytes: a length beyond the data is malformed, not a huge
+            // allocation.
+            if len > (data.len() as u64) / 16 {
+                return Err(Malformed("a stream index longer than the state"));
+            }
+            let mut index = StreamIndex::default();
+            for _ in 0..len {
+                let end = r.u64()?;
+                index.push(end, LogIndex(r.u64()?));
+            }
+            let spec_content_type = r.str()?;
+            let spec_ttl = r.opt_u64()?;
+            let spec_expires = r.opt_expiry()?;
+            let spec_closed = r.u8()? == 1;
+            let spec_fork = if r.u8()? == 1 {
+                Some(ForkSpec {
+                    from: r.str()?,
+                    from_incarnation: LogIndex(r.u64()?),
+                    offset: r.u64()?,
+                    offset_given: r.u8()? == 1,
+                    sub_offset: r.u64()?,
+                })
+            } else {
+                None
+            };
+            let mut producers = BTreeMap::new();
+            for _ in 0..r.u32()? {
+                let id = r.str()?;
+                producers.insert(id, (r.u64()?, r.u64()?));
+            }
+            let closed_by = if r.u8()? == 1 {
+                Some(ProducerTuple { id: r.str()?, epoch: r.u64()?, seq: r.u64()? })
+            } else {
+                None
+            };
+            let stream_seq = r.opt_str()?;
+            let forks = r.u64()?;
+            let view = StreamView {
+                name: name.clone(),
+                incarnation,
+                content_type,
+                ttl_secs,
+                expires_at,
+                last_access_ms,
+                closed,
+                soft_deleted,
+                base,
+                tail,
+                version,
+                fork,
+                index,
+            };
+            let spec = CreateSpec {
+                content_type: spec_content_type,
+                ttl_secs: spec_ttl,
+                expires_at: spec_expires,
+                closed: spec_closed,
+                fork: spec_fork,
+            };
+            let stream = Stream { view, spec, producers, closed_by, stream_seq, forks };
+            out.changed.insert(name.clone(), ());
+            out.by_name.insert(name, stream);
+        }
+        if r.at != data.len() {
+            return Err(Malformed("trailing bytes after the stream state"));
+        }
+        Ok(out)
+    }
+
     /// Applies the command of the entry at `index`.
     pub fn apply(&mut self, index: LogIndex, cmd: Command) -> StreamOutcome {
         let now = match &cmd {
@@ -718,6 +884,9 @@ fn same_settings(old: &CreateSpec, new: &CreateSpec) -> bool {
 
 // ----- encoding -----
 
+/// The format byte of an encoded stream state.
+const STATE_FORMAT: u8 = 1;
+
 const CMD_CREATE: u8 = 1;
 const CMD_APPEND: u8 = 2;
 const CMD_DELETE: u8 = 3;
@@ -898,6 +1067,17 @@ fn put_opt_u64(b: &mut BytesMut, v: Option<u64>) {
     }
 }
 
+fn put_opt_expiry(b: &mut BytesMut, e: Option<&(String, u64)>) {
+    match e {
+        Some((s, ms)) => {
+            b.put_u8(1);
+            put_str(b, s);
+            b.put_u64_le(*ms);
+        }
+        None => b.put_u8(0),
+    }
+}
+
 fn put_messages(b: &mut BytesMut, messages: &[Bytes]) {
     b.put_u32_le(messages.len() as u32);
     for m in messages {
@@ -945,6 +1125,10 @@ impl Reader<'_> {
 
     fn opt_str(&mut self) -> Result<Option<String>, Malformed> {
         Ok(if self.u8()? == 1 { Some(self.str()?) } else { None })
+    }
+
+    fn opt_expiry(&mut self) -> Result<Option<(String, u64)>, Malformed> {
+        Ok(if self.u8()? == 1 { Some((self.str()?, self.u64()?)) } else { None })
     }
 
     fn opt_u64(&mut self) -> Result<Option<u64>, Malformed> {
@@ -1165,5 +1349,51 @@ mod tests {
             StreamOutcome::NotFound
         );
         assert!(s.view("f").is_none() && s.view("src").is_none());
+    }
+
+    #[test]
+    fn a_state_round_trips_and_goes_on_as_the_original() {
+        let mut a = Streams::new(false);
+        a.apply(LogIndex(1), create("src", 1, "text/plain"));
+        for i in 0..2500u64 {
+            a.apply(LogIndex(2 + i), append("src", "ab", Some(("p", 0, i))));
+        }
+        let mut fork = create("f", 5, "text/plain");
+        if let Command::Create { spec, .. } = &mut fork {
+            spec.ttl_secs = Some(60);
+            spec.fork = Some(ForkSpec {
+                from: "src".into(),
+                from_incarnation: LogIndex(1),
+                offset: 4,
+                offset_given: true,
+                sub_offset: 0,
+            });
+        }
+        a.apply(LogIndex(3000), fork);
+        a.apply(LogIndex(3001), Command::Delete { name: "src".into(), now_ms: 6 });
+        let state = a.encode_state();
+        let mut b = Streams::decode_state(&state, false).expect("decodes");
+        assert_eq!(b.encode_state(), state, "the same state");
+        assert_eq!(b.pin(), Some(LogIndex(2)));
+        assert_eq!(b.take_changed().len(), 2, "readers see every stream");
+        // Both go on the same way: a duplicate, a fenced epoch, an append to the fork.
+        for (i, cmd) in [
+            append("src", "x", Some(("p", 0, 3))),
+            append("f", "y", Some(("q", 0, 0))),
+            append("f", "z", Some(("q", 0, 0))),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let at = LogIndex(4000 + i as u64);
+            assert_eq!(a.apply(at, cmd.clone()), b.apply(at, cmd));
+        }
+        assert_eq!(a.encode_state(), b.encode_state());
+        for cut in [0, 1, 7, state.len() / 2, state.len() - 1] {
+            assert!(Streams::decode_state(&state.slice(..cut), false).is_err(), "cut at {cut}");
+        }
+        let mut long = state.to_vec();
+        long.push(0);
+        assert!(Streams::decode_state(&Bytes::from(long), false).is_err());
     }
 }
