@@ -153,6 +153,21 @@ impl raftwal_client::proto::forward_server::Forward for Api {
             Err(_) => Err(Status::unknown("the node stopped; the outcome is unknown")),
         }
     }
+
+    async fn streams_state(
+        &self,
+        _: Request<proto::StreamsStateRequest>,
+    ) -> Result<Response<proto::StreamsStateResponse>, Status> {
+        let rx = self.submit(NodeRequest::StreamsState)?;
+        match rx.await {
+            Ok(Ok(Reply::StreamsState { at, state })) => {
+                Ok(Response::new(proto::StreamsStateResponse { at: at.0, state: state.to_vec() }))
+            }
+            Ok(Ok(other)) => Err(unexpected(other)),
+            Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
+            Err(_) => Err(Status::unavailable("the node stopped")),
+        }
+    }
 }
 
 /// A reply of the wrong kind for its request: a bug in the node, reported, never a panic.

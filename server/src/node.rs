@@ -161,7 +161,10 @@ impl Node {
             api_listener,
             shutdown_rx.clone(),
         )?;
-        let mut servers = vec![tokio::spawn(crate::streams_api::sweep_expired(streams.clone()))];
+        let mut servers = vec![
+            tokio::spawn(crate::streams_api::sweep_expired(streams.clone())),
+            tokio::spawn(crate::streams_api::fetch_streams(streams.clone())),
+        ];
         let mut streams_addr = None;
         if let Some(addr) = cfg.streams_addr()? {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -314,6 +317,7 @@ fn new_shared(id: NodeId, wal: Arc<Wal>, status: raftwal_consensus::Status) -> S
         disk_low: std::sync::atomic::AtomicBool::new(false),
         streams: RwLock::new(Default::default()),
         streams_changed: watch::Sender::new(0),
+        streams_missing: watch::Sender::new(None),
     }
 }
 
@@ -574,7 +578,13 @@ pub fn recover_core(
     let raw = RawNode::new(raft, restored, WalStore::new(wal, start_membership.clone()))
         .context("refusing to start: the persisted state is inconsistent")?;
     let members = Members::new(first.prev(), start_membership, start_addresses.clone());
-    Ok((NodeCore::new(core, raw, members), start_addresses))
+    let mut node = NodeCore::new(core, raw, members);
+    let checkpoint = store::read_streams(dir).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the stream checkpoint cannot be used");
+        crate::core::StreamsCheckpoint::Missing
+    });
+    node.restore_streams(checkpoint);
+    Ok((node, start_addresses))
 }
 
 /// Starts the transport, retrying for up to 3 s while its address is still held: a node

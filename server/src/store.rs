@@ -294,6 +294,50 @@ pub fn clear_repair_floor(dir: &dyn Storage) -> std::io::Result<()> {
     remove_small_file(dir, REPAIR_FLOOR_FILE)
 }
 
+/// The file (in the node's data directory) that keeps the stream state's checkpoint, or the
+/// mark that it is missing (docs/node-format.md).
+pub const STREAMS_FILE: &str = "streams";
+
+const STREAMS_MAGIC: &[u8; 8] = b"RWSTRM01";
+/// A checkpoint larger than this is damage, not a state this node wrote.
+const STREAMS_BYTES_MAX: u64 = 4 << 30;
+
+/// Reads the stream checkpoint. A damaged one is reported as one (the node then fetches a
+/// peer's state rather than refusing to start).
+pub fn read_streams(dir: &dyn Storage) -> anyhow::Result<crate::core::StreamsCheckpoint> {
+    use crate::core::StreamsCheckpoint;
+    let Some(bytes) = read_small_file(dir, STREAMS_FILE, STREAMS_BYTES_MAX)? else {
+        return Ok(StreamsCheckpoint::None);
+    };
+    let damaged = |why: &str| anyhow::anyhow!("{STREAMS_FILE} is damaged ({why})");
+    if bytes.len() < 8 + 1 + 8 + 4 || &bytes[..8] != STREAMS_MAGIC {
+        return Err(damaged("not a stream checkpoint"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err(damaged("checksum mismatch"));
+    }
+    let at = LogIndex(u64::from_le_bytes(body[9..17].try_into().expect("8 bytes")));
+    match body[8] {
+        0 => Ok(StreamsCheckpoint::Missing),
+        1 => Ok(StreamsCheckpoint::At { at, state: bytes::Bytes::copy_from_slice(&body[17..]) }),
+        _ => Err(damaged("unknown kind")),
+    }
+}
+
+/// Writes the stream state applied to `at` (`None`: the mark that it is missing) atomically
+/// and durably.
+pub fn write_streams(dir: &dyn Storage, at: LogIndex, state: Option<&[u8]>) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(8 + 1 + 8 + state.map_or(0, <[u8]>::len) + 4);
+    bytes.extend_from_slice(STREAMS_MAGIC);
+    bytes.push(u8::from(state.is_some()));
+    bytes.extend_from_slice(&at.0.to_le_bytes());
+    bytes.extend_from_slice(state.unwrap_or_default());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    replace_file(dir, STREAMS_FILE, &bytes)
+}
+
 /// Removes the small file `name` from `dir` durably; one already gone is no error.
 pub fn remove_small_file(dir: &dyn Storage, name: &str) -> std::io::Result<()> {
     match dir.remove(name) {

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
+use bytes::Bytes;
+use raftwal_consensus::LogIndex;
 use tokio::sync::watch;
 
 use crate::core::streams::{Command, StreamOutcome, StreamView};
@@ -148,6 +150,12 @@ impl StreamsApi {
 
     /// A ReadIndex round, then this node applied everything it confirmed.
     pub async fn barrier(&self) -> Result<(), Refusal> {
+        if self.shared.streams_missing.borrow().is_some() {
+            return Err(Refusal::unavailable(
+                "this node is fetching the stream state from a peer (its log restarted at the \
+                 leader's start); retry shortly or ask another node",
+            ));
+        }
         let rx =
             self.driver.request(NodeRequest::ReadIndex).map_err(|e| node_error(&self.shared, e))?;
         let index = match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
@@ -270,6 +278,22 @@ impl Forwarder {
         Ok(channel)
     }
 
+    /// A peer's stream state and the index it was applied to.
+    async fn streams_state(&self, addr: &str) -> Result<(LogIndex, Bytes), String> {
+        let channel = self.channel(addr)?;
+        let mut client = raftwal_client::proto::forward_client::ForwardClient::new(channel)
+            .max_decoding_message_size(usize::MAX);
+        let request = raftwal_client::proto::StreamsStateRequest {};
+        match tokio::time::timeout(FORWARD_TIMEOUT, client.streams_state(request)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                Ok((LogIndex(r.at), Bytes::from(r.state)))
+            }
+            Ok(Err(status)) => Err(format!("{addr}: {}", status.message())),
+            Err(_) => Err(format!("{addr}: no answer in time")),
+        }
+    }
+
     async fn send(&self, addr: &str, cmd: &Command) -> Result<StreamOutcome, Refusal> {
         let channel = self.channel(addr).map_err(Refusal::unavailable)?;
         let mut client = raftwal_client::proto::forward_client::ForwardClient::new(channel)
@@ -344,6 +368,77 @@ pub async fn sweep_expired(api: StreamsApi) {
                 api.driver.request(NodeRequest::Stream(Command::Expire { name, now_ms: UNSTAMPED }))
             {
                 let _ = rx.await;
+            }
+        }
+    }
+}
+
+/// How long a node whose stream state is missing waits between two rounds of asking its peers.
+const FETCH_RETRY: Duration = Duration::from_millis(500);
+
+/// While this node's stream state is missing (its log restarted at a leader's start), asks its
+/// peers for theirs and installs the first applied to at least the index it needs (once this
+/// node applied as far: its own log holds the commands after). Until the node stops.
+pub async fn fetch_streams(api: StreamsApi) {
+    let mut missing = api.shared.streams_missing.subscribe();
+    let mut stopping = api.stopping.clone();
+    loop {
+        let need = *missing.borrow_and_update();
+        let Some(at_least) = need else {
+            tokio::select! {
+                changed = missing.changed() => if changed.is_err() { return },
+                () = async { let _ = stopping.wait_for(|s| *s).await; } => return,
+            }
+            continue;
+        };
+        let peers: Vec<(raftwal_consensus::NodeId, String)> = api
+            .shared
+            .api_addrs
+            .read()
+            .iter()
+            .filter(|(id, _)| **id != api.shared.id)
+            .map(|(id, addr)| (*id, addr.clone()))
+            .collect();
+        let mut why = Vec::new();
+        for (peer, addr) in peers {
+            match api.forward.streams_state(&addr).await {
+                Ok((at, _)) if at < at_least => {
+                    why.push(format!("node {peer} is applied only to {at}"));
+                }
+                Ok((at, state)) => {
+                    // This node must have applied up to `at`: its log holds what follows.
+                    let mut readable = api.shared.readable.subscribe();
+                    let applied = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        readable.wait_for(|r| *r >= at),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                    if !applied {
+                        why.push(format!("this node did not apply {at} in time"));
+                        continue;
+                    }
+                    let request = NodeRequest::InstallStreams { at, state };
+                    match api.driver.request(request) {
+                        Ok(rx) => match rx.await {
+                            Ok(Ok(_)) => {
+                                tracing::info!(node = %peer, %at, "stream state fetched");
+                                break;
+                            }
+                            Ok(Err(e)) => why.push(format!("install node {peer}'s: {e}")),
+                            Err(_) => return,
+                        },
+                        Err(e) => why.push(format!("install: {e}")),
+                    }
+                }
+                Err(e) => why.push(e),
+            }
+        }
+        if api.shared.streams_missing.borrow().is_some() {
+            tracing::warn!(%at_least, tried = ?why, "the stream state is still missing; asking the peers again");
+            tokio::select! {
+                () = tokio::time::sleep(FETCH_RETRY) => {}
+                () = async { let _ = stopping.wait_for(|s| *s).await; } => return,
             }
         }
     }

@@ -69,6 +69,11 @@ fn applying_a_stream_producers_retry_twice_is_caught() {
     caught(PlantedBug::SkipStreamDedup);
 }
 
+#[test]
+fn installing_a_peers_stream_state_without_replaying_the_commands_after_it_is_caught() {
+    caught(PlantedBug::SkipStreamReplay);
+}
+
 /// Seeds that once found a bug, kept: 1481 (3 nodes), a leader that removed itself stepped down
 /// before the remaining voter learned the removal had committed, and that voter, still counting
 /// the old leader in its quorum, never got its vote: no leader, for good. The removed leader now
@@ -124,4 +129,24 @@ fn a_leader_whose_disk_stalls_hands_over_and_appends_resume() {
             "seed {seed}: no append acknowledged for {gap} ms of a {STALL} ms stall of the leader's disk"
         );
     }
+}
+
+/// The runs with named streams also trim the log under them and restart lagging nodes' logs
+/// at the leader's start, which then fetch a peer's stream state: the checks above cover
+/// those paths only if they happen.
+#[test]
+fn trims_under_named_streams_and_stream_state_fetches_happen() {
+    let (mut trims, mut installs) = (0, 0);
+    for seed in (2..200).filter(|s| s % 4 >= 2) {
+        let nodes = if seed % 2 == 1 { 3 } else { 5 };
+        let report = harness::run(harness::Options::new(seed, nodes));
+        assert!(report.violations.is_empty(), "seed {seed}: {:#?}", report.violations);
+        trims +=
+            report.history.iter().filter(|l| l.contains("Trim") && l.contains("Done(Some")).count();
+        installs +=
+            report.history.iter().filter(|l| l.contains("installs a peer's stream state")).count();
+    }
+    eprintln!("{trims} trims, {installs} stream states installed");
+    assert!(trims >= 20, "{trims} trims under named streams");
+    assert!(installs >= 1, "no node fetched a peer's stream state");
 }

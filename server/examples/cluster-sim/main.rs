@@ -80,6 +80,7 @@ fn name(bug: raftwal_server::core::PlantedBug) -> &'static str {
         SkipDedup => "skip-dedup",
         ServeUncommitted => "serve-uncommitted",
         SkipStreamDedup => "skip-stream-dedup",
+        SkipStreamReplay => "skip-stream-replay",
     }
 }
 

@@ -54,9 +54,15 @@ impl NodeCore {
             let applied = self.log.apply(e.index, e.kind, &e.data);
             let mut stream_outcome = None;
             if let Applied::Stream(cmd) = applied {
-                stream_outcome = Some(self.streams.apply(e.index, cmd));
+                // Not while the state is missing (a peer's comes with this command in it, or
+                // the node replays it after installing), nor when a checkpoint holds it.
+                if self.streams_missing.is_none() && e.index > self.streams_floor {
+                    stream_outcome = Some(self.streams.apply(e.index, cmd));
+                    self.streams_unsaved += 1;
+                    self.save_streams_if_due(e.index);
+                }
             } else {
-                self.settle(applied)?;
+                self.settle(applied, e.index)?;
             }
             if let Some((id, owns)) = stream_waiter {
                 let outcome = match stream_outcome {
@@ -77,7 +83,7 @@ impl NodeCore {
         Ok(())
     }
 
-    fn settle(&mut self, applied: Applied) -> Result<(), Fatal> {
+    fn settle(&mut self, applied: Applied, index: LogIndex) -> Result<(), Fatal> {
         match applied {
             Applied::Nothing => {}
             Applied::Batch { first, last } => {
@@ -93,16 +99,23 @@ impl NodeCore {
                 self.members.set_addresses(a.clone());
                 self.actions.push_back(Action::Reach(a));
             }
-            Applied::Trim { before } => self.apply_trim(before)?,
+            Applied::Trim { before } => self.apply_trim(before, index)?,
             Applied::Stream(_) => unreachable!("stream commands are applied by the caller"),
         }
         Ok(())
     }
 
-    fn apply_trim(&mut self, before: LogIndex) -> Result<(), Fatal> {
+    /// Applies a trim (the entry at `at`).
+    fn apply_trim(&mut self, before: LogIndex, at: LogIndex) -> Result<(), Fatal> {
         let last = self.raw.store().last_index();
         // Never past what is settled: a reader must not lose entries it may still read.
         let before = before.min(self.log.readable().next()).min(last.next());
+        // Never past a record a stream still reads (the same on every node: the state). A
+        // node whose state is missing cannot tell, and keeps its log.
+        if self.streams_missing.is_some() {
+            return Ok(());
+        }
+        let before = self.streams.pin().map_or(before, |pin| before.min(pin));
         // Never inside a batch: a node that restarts from the new start must decide about
         // every batch exactly as the others did (the same on every node: the log).
         let before = self.batch_head(before).map_err(fatal("read the log for a trim"))?;
@@ -110,6 +123,9 @@ impl NodeCore {
             self.replicate_addresses()?;
         }
         if before > self.first_index {
+            // The stream state, applied to here, is durable before the log below goes: a
+            // restart then needs none of the dropped commands.
+            self.save_streams(at);
             let membership = self.members.at(before.prev());
             self.move_start(before, membership, StartChange::Compact);
             self.log.trimmed(before);

@@ -21,6 +21,8 @@ mod apply;
 mod log_state;
 mod members;
 mod ready;
+mod stream_state;
+pub use stream_state::StreamsCheckpoint;
 pub mod streams;
 mod waiters;
 
@@ -59,6 +61,12 @@ pub enum Request {
     ReadIndex,
     /// A command on named streams, answered with what applying it did.
     Stream(streams::Command),
+    /// This node's stream state and the log index it was applied to (a peer whose log
+    /// restarted asks for it).
+    StreamsState,
+    /// Install a peer's stream state, applied to `at` (this node's log restarted past the
+    /// commands it came from).
+    InstallStreams { at: LogIndex, state: Bytes },
 }
 
 /// One client append.
@@ -95,6 +103,8 @@ pub enum Reply {
     Done,
     /// A stream command applied.
     Stream(streams::StreamOutcome),
+    /// The stream state, applied to this index.
+    StreamsState { at: LogIndex, state: Bytes },
 }
 
 /// Why the node could not do what was asked.
@@ -209,6 +219,15 @@ pub enum Action {
     PublishView(ReadView),
     /// Streams changed (`None`: removed); readers of each wake.
     PublishStreams(Vec<(String, Option<std::sync::Arc<streams::StreamView>>)>),
+    /// Save this stream state (applied to `at`) durably before the next action: a restart
+    /// then applies stream commands only above `at`, and a trim may drop the log below it.
+    SaveStreams { at: LogIndex, state: Bytes },
+    /// This node's stream state is gone (its log restarted at a leader's start): record that
+    /// durably before the next action, and fetch a peer's state applied to at least
+    /// `at_least` (then [`Request::InstallStreams`]). Stream reads and writes wait meanwhile.
+    StreamsMissing { at_least: LogIndex },
+    /// The stream state is back: reads and writes go on.
+    StreamsInstalled,
     /// The node's status changed (role, leader, membership) or a tick passed.
     PublishStatus(Box<Status>),
     /// A node listens at these addresses: reach it there (and tell clients).
@@ -269,6 +288,8 @@ pub enum PlantedBug {
     ServeUncommitted,
     /// Apply a stream producer's retry of an applied (epoch, sequence) again.
     SkipStreamDedup,
+    /// Install a peer's stream state without the commands this node applied after it.
+    SkipStreamReplay,
 }
 
 impl std::str::FromStr for PlantedBug {
@@ -280,9 +301,10 @@ impl std::str::FromStr for PlantedBug {
             "skip-dedup" => Ok(PlantedBug::SkipDedup),
             "serve-uncommitted" => Ok(PlantedBug::ServeUncommitted),
             "skip-stream-dedup" => Ok(PlantedBug::SkipStreamDedup),
+            "skip-stream-replay" => Ok(PlantedBug::SkipStreamReplay),
             _ => Err(format!(
-                "unknown bug {s:?}: ack-before-quorum, skip-dedup, serve-uncommitted or \
-                 skip-stream-dedup"
+                "unknown bug {s:?}: ack-before-quorum, skip-dedup, serve-uncommitted, \
+                 skip-stream-dedup or skip-stream-replay"
             )),
         }
     }
@@ -303,6 +325,12 @@ pub struct NodeCore {
     streams: streams::Streams,
     /// Stream commands applied in this Ready, answered after the streams are published.
     stream_replies: Vec<(RequestId, Outcome)>,
+    /// Stream commands at or below this index are in the state already (a checkpoint's).
+    streams_floor: LogIndex,
+    /// The state is missing until a peer's, applied to at least this index, is installed.
+    streams_missing: Option<LogIndex>,
+    /// Stream commands applied since the state was last saved.
+    streams_unsaved: u64,
     members: Members,
     waiters: Waiters,
     writes: Writes,
@@ -353,6 +381,9 @@ impl NodeCore {
             log,
             streams: streams::Streams::new(planted_stream_bug),
             stream_replies: Vec::new(),
+            streams_floor: LogIndex(0),
+            streams_missing: None,
+            streams_unsaved: 0,
             members,
             waiters: Waiters::default(),
             role: Role::Follower,
@@ -528,12 +559,27 @@ impl NodeCore {
             Request::Trim { before } => self.trim(id, before),
             Request::ReadIndex => self.read_index(id),
             Request::Stream(cmd) => self.stream(id, cmd),
+            Request::StreamsState => {
+                let outcome = self.streams_state();
+                self.reply(id, outcome);
+                Ok(())
+            }
+            Request::InstallStreams { at, state } => {
+                let outcome = self.install_streams(at, &state)?;
+                self.reply(id, outcome);
+                Ok(())
+            }
         }
     }
 
     fn stream(&mut self, id: RequestId, cmd: streams::Command) -> Result<(), Fatal> {
         if self.role != Role::Leader {
             self.reply(id, Err(self.not_leader()));
+            return Ok(());
+        }
+        if self.streams_missing.is_some() {
+            let e = RequestError::Overloaded("this node is fetching the stream state from a peer");
+            self.reply(id, Err(e));
             return Ok(());
         }
         match self.raw.propose(vec![envelope::encode_stream(&cmd)]) {
@@ -666,17 +712,6 @@ impl NodeCore {
     fn trim(&mut self, id: RequestId, before: LogIndex) -> Result<(), Fatal> {
         if self.role != Role::Leader {
             self.reply(id, Err(self.not_leader()));
-            return Ok(());
-        }
-        if !self.streams.is_empty() {
-            // A trim drops a prefix of the log; the streams' state and records below it would
-            // go with it (the state is rebuilt from the retained log).
-            let e = RequestError::Invalid(
-                "the log holds named streams: trimming it is not supported yet (delete the \
-                 streams first)"
-                    .into(),
-            );
-            self.reply(id, Err(e));
             return Ok(());
         }
         let readable = self.log.readable();

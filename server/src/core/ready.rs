@@ -264,6 +264,9 @@ impl NodeCore {
         prev_term: raftwal_consensus::Term,
         membership: raftwal_consensus::Membership,
     ) {
+        // The commands that built the stream state go with the log: that is recorded
+        // durably before the log moves, and a peer's state is fetched.
+        self.lose_streams(first.prev());
         let change = super::StartChange::Restart { prev_term };
         self.move_start(first, membership.clone(), change);
         // Whatever this node's old log said after the new start is gone with it.
@@ -276,10 +279,6 @@ impl NodeCore {
             p.last = p.last.min(first.prev());
         }
         self.log.restart(first.prev());
-        let dropped = self.streams.clear();
-        if !dropped.is_empty() {
-            self.actions.push_back(Action::PublishStreams(dropped));
-        }
         // Entries below the new start committed on the leader; any of them may be ours.
         self.fail_all(&RequestError::Unknown(
             "this node's log restarted at the leader's start; the request may have committed"

@@ -82,6 +82,9 @@ pub struct Shared {
     pub streams: RwLock<HashMap<String, Arc<crate::core::streams::StreamView>>>,
     /// Bumped whenever a stream changes: live readers wake and look at theirs.
     pub streams_changed: watch::Sender<u64>,
+    /// The stream state is missing (this node's log restarted at a leader's start) until a
+    /// peer's, applied to at least this index, is installed.
+    pub streams_missing: watch::Sender<Option<LogIndex>>,
 }
 
 impl Shared {
@@ -434,6 +437,15 @@ impl Driver {
                     }
                 }
                 self.shared.streams_changed.send_modify(|v| *v += 1);
+            }
+            Action::SaveStreams { at, state } => self.storage.save_streams(at, Some(&state))?,
+            Action::StreamsMissing { at_least } => {
+                self.storage.save_streams(at_least, None)?;
+                // The streams API fetches a peer's state (streams_api::fetch_streams).
+                self.shared.streams_missing.send_replace(Some(at_least));
+            }
+            Action::StreamsInstalled => {
+                self.shared.streams_missing.send_replace(None);
             }
             Action::PublishStatus(status) => *self.shared.status.write() = *status,
             Action::Reach(a) => {

@@ -31,6 +31,9 @@ pub enum StorageError {
     /// The repair-floor file could not be written.
     #[error("write the repair-floor file: {0}")]
     RepairFloor(std::io::Error),
+    /// The stream checkpoint could not be written.
+    #[error("write the stream checkpoint: {0}")]
+    Streams(std::io::Error),
 }
 
 fn wal_err(op: &'static str) -> impl FnOnce(raftwal_wal::Error) -> StorageError {
@@ -101,6 +104,11 @@ impl NodeStorage {
     /// holds).
     pub fn raise_repair_floor(&self, floor: (LogIndex, Term)) -> Result<(), StorageError> {
         store::raise_repair_floor(self.dir.as_ref(), floor).map_err(StorageError::RepairFloor)
+    }
+
+    /// Saves the stream state applied to `at` durably (`None`: marks it missing).
+    pub fn save_streams(&self, at: LogIndex, state: Option<&[u8]>) -> Result<(), StorageError> {
+        store::write_streams(self.dir.as_ref(), at, state).map_err(StorageError::Streams)
     }
 
     /// Saves a higher commit index durably, keeping the saved term and vote.

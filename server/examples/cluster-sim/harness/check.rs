@@ -137,8 +137,14 @@ impl Sim {
             };
             for (_, id, list) in &lists {
                 if most.get(..list.len()) != Some(&list[..]) {
+                    let at = list.iter().zip(&most).position(|(a, b)| a != b).unwrap_or(most.len());
                     v.push(format!(
-                        "node {id}'s {name} is not a prefix of node {most_id}'s: {list:?} vs {most:?}"
+                        "node {id}'s {name} ({} messages) is not a prefix of node {most_id}'s ({}): \
+                         message {at} is {:?} there, {:?} here",
+                        list.len(),
+                        most.len(),
+                        most.get(at),
+                        list.get(at)
                     ));
                 }
             }

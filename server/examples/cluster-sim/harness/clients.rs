@@ -153,7 +153,9 @@ impl Sim {
                 _ => self.finish(op, OpResult::Done(Some(index))),
             },
             Ok(Reply::Done) => self.finish(op, OpResult::Done(None)),
-            Ok(Reply::Stream(_)) => unreachable!("the simulated clients send no stream commands"),
+            Ok(Reply::Stream(_) | Reply::StreamsState { .. }) => {
+                unreachable!("the simulated clients send no stream commands")
+            }
             Err(RequestError::NotLeader { leader }) => {
                 let guess = leader.unwrap_or(self.any_node());
                 self.clients[c].leader_guess = guess;

@@ -101,6 +101,8 @@ struct Live {
     role: (Role, Option<NodeId>, raftwal_consensus::Term),
     /// The named streams as this node published them.
     streams: HashMap<String, Arc<raftwal_server::core::streams::StreamView>>,
+    /// The stream state is missing until a peer's applied to at least this is installed.
+    streams_missing: Option<LogIndex>,
 }
 
 struct SimNode {
@@ -379,6 +381,7 @@ impl Sim {
                     next_tick_ms: self.now + TICK_MS,
                     role: (Role::Follower, None, raftwal_consensus::Term(0)),
                     streams: HashMap::new(),
+                    streams_missing: None,
                 });
                 let line = format!("node {} starts (incarnation {})", node.id, node.incarnation);
                 self.log(line);
@@ -441,6 +444,9 @@ impl Sim {
             }
             for k in 0..self.named.len() {
                 self.step_named(k);
+            }
+            if self.now.is_multiple_of(20) {
+                self.fetch_streams();
             }
             self.step_members();
         }
@@ -734,6 +740,15 @@ impl Sim {
                             None => live.streams.remove(&name),
                         };
                     }
+                    Ok(())
+                }
+                Action::SaveStreams { at, state } => live.storage.save_streams(at, Some(&state)),
+                Action::StreamsMissing { at_least } => {
+                    live.streams_missing = Some(at_least);
+                    live.storage.save_streams(at_least, None)
+                }
+                Action::StreamsInstalled => {
+                    live.streams_missing = None;
                     Ok(())
                 }
                 Action::Reach(_) | Action::Unreach(_) | Action::Forget(_) => Ok(()),

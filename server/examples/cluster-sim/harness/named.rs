@@ -173,3 +173,36 @@ impl Sim {
         }
     }
 }
+
+impl Sim {
+    /// What the node's streams API does while its stream state is missing: asks the other
+    /// live nodes for theirs and installs the first applied to at least what it needs, once it
+    /// has applied as far itself.
+    pub(super) fn fetch_streams(&mut self) {
+        for i in 0..self.nodes.len() {
+            let Some(need) = self.nodes[i].live.as_ref().and_then(|l| l.streams_missing) else {
+                continue;
+            };
+            let readable = self.nodes[i].live.as_ref().map_or(LogIndex(0), |l| l.readable);
+            let offer = (0..self.nodes.len()).filter(|&j| j != i).find_map(|j| {
+                match self.nodes[j].live.as_ref()?.core.streams_state() {
+                    Ok(Reply::StreamsState { at, state }) if at >= need && at <= readable => {
+                        Some((at, state))
+                    }
+                    _ => None,
+                }
+            });
+            if let Some((at, state)) = offer {
+                let line =
+                    format!("node {} installs a peer's stream state at {at}", self.nodes[i].id);
+                self.log(line);
+                let id = self.next_request;
+                self.next_request += 1;
+                self.input(
+                    i,
+                    Input::Request { id, request: Request::InstallStreams { at, state } },
+                );
+            }
+        }
+    }
+}
