@@ -204,15 +204,17 @@ impl Shared {
             };
             let exhausted = state.attempts >= attempts_max;
             match verdict {
-                Verdict::Final(ClientError::StreamVersionMismatch { version })
-                    if state.ambiguous && effect != Effect::ReadOnly =>
-                {
-                    // As for an offset mismatch: an earlier attempt may have appended.
+                Verdict::Final(
+                    error @ (ClientError::StreamVersionMismatch { .. }
+                    | ClientError::Fenced { .. }
+                    | ClientError::StreamClosed { .. }
+                    | ClientError::SequenceGap { .. }),
+                ) if state.ambiguous && effect != Effect::ReadOnly => {
+                    // As for an offset mismatch: an earlier attempt may have appended, and this
+                    // refusal does not prove it did not.
                     return Err(ClientError::UnknownOutcome {
                         attempts: state.attempts,
-                        last: format!(
-                            "stream version mismatch (version {version}) after an attempt that may have appended"
-                        ),
+                        last: format!("{error} after an attempt that may have appended"),
                     });
                 }
                 Verdict::Final(ClientError::OffsetMismatch { next_offset })

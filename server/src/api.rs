@@ -156,9 +156,10 @@ impl raftwal_client::proto::forward_server::Forward for Api {
 
     async fn streams_state(
         &self,
-        _: Request<proto::StreamsStateRequest>,
+        request: Request<proto::StreamsStateRequest>,
     ) -> Result<Response<proto::StreamsStateResponse>, Status> {
-        let rx = self.submit(NodeRequest::StreamsState)?;
+        let at_least = LogIndex(request.into_inner().at_least);
+        let rx = self.submit(NodeRequest::StreamsState { at_least })?;
         match rx.await {
             Ok(Ok(Reply::StreamsState { at, state })) => {
                 Ok(Response::new(proto::StreamsStateResponse { at: at.0, state: state.to_vec() }))

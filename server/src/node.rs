@@ -579,10 +579,23 @@ pub fn recover_core(
         .context("refusing to start: the persisted state is inconsistent")?;
     let members = Members::new(first.prev(), start_membership, start_addresses.clone());
     let mut node = NodeCore::new(core, raw, members);
-    let checkpoint = store::read_streams(dir).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "the stream checkpoint cannot be used");
-        crate::core::StreamsCheckpoint::Missing
-    });
+    let checkpoint = match store::read_streams(dir) {
+        Ok(c) => c,
+        Err(e) => {
+            // Kept aside, never overwritten: the state it held may exist nowhere else.
+            let aside = format!("{}.damaged", store::STREAMS_FILE);
+            dir.rename(store::STREAMS_FILE, &aside)
+                .and_then(|()| dir.sync_dir())
+                .with_context(|| format!("{e:#}; and it could not be moved aside to {aside}"))?;
+            tracing::error!(
+                error = %e,
+                "the stream checkpoint cannot be used; moved aside to {aside}: this node asks \
+                 its peers for their stream state (a node without peers serves no streams \
+                 until an operator restores the file)"
+            );
+            crate::core::StreamsCheckpoint::Missing
+        }
+    };
     node.restore_streams(checkpoint);
     Ok((node, start_addresses))
 }

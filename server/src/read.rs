@@ -94,7 +94,7 @@ pub fn read_all(
     let mut out = Vec::new();
     let next = scan(wal, view, readable, from, records_max, bytes_max, |index, data| {
         if let Some(data) = envelope::record_bytes(data) {
-            let len = data.len() as u64;
+            let len = data.len() as u64 + message_overhead("");
             out.push(AllRecord {
                 position: index,
                 stream: None,
@@ -126,7 +126,8 @@ pub fn read_all(
                 next_offset: pos + len,
                 data,
             });
-            (count, bytes, pos) = (count + 1, bytes + len, pos + len);
+            let cost = len + message_overhead(&stream.name);
+            (count, bytes, pos) = (count + 1, bytes + cost, pos + len);
         }
         if pos != end {
             return Err(ReadError::Failed(format!(
@@ -196,6 +197,16 @@ fn scan(
     Ok(next)
 }
 
+/// Messages one read of a stream returns at most (beyond one command's).
+pub const STREAM_MESSAGES_MAX: usize = 10_000;
+
+/// What a message costs a read besides its bytes: its offsets and position, and its stream's
+/// name where an answer repeats it (so that a stream of tiny records cannot make one answer
+/// huge).
+fn message_overhead(name: &str) -> u64 {
+    32 + name.len() as u64
+}
+
 /// One message of a stream, known by the offset of its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamMessage {
@@ -255,7 +266,7 @@ fn read_stream_into(
     }
     let at = stream.index.first_after(from.max(stream.base));
     for (start, end, index) in stream.index.from(at, stream.base) {
-        if start >= limit || *bytes >= bytes_max {
+        if start >= limit || *bytes >= bytes_max || out.len() >= STREAM_MESSAGES_MAX {
             break;
         }
         let records = wal.read(index..index.next(), u64::MAX).map_err(|e| {
@@ -287,7 +298,7 @@ fn read_stream_into(
                 break;
             }
             if pos > from {
-                *bytes += data.len() as u64;
+                *bytes += data.len() as u64 + message_overhead(&stream.name);
                 out.push(StreamMessage { end: pos, position: index, data });
             }
         }

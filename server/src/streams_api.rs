@@ -150,12 +150,7 @@ impl StreamsApi {
 
     /// A ReadIndex round, then this node applied everything it confirmed.
     pub async fn barrier(&self) -> Result<(), Refusal> {
-        if self.shared.streams_missing.borrow().is_some() {
-            return Err(Refusal::unavailable(
-                "this node is fetching the stream state from a peer (its log restarted at the \
-                 leader's start); retry shortly or ask another node",
-            ));
-        }
+        self.check_state()?;
         let rx =
             self.driver.request(NodeRequest::ReadIndex).map_err(|e| node_error(&self.shared, e))?;
         let index = match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
@@ -165,9 +160,23 @@ impl StreamsApi {
         };
         let mut readable = self.shared.readable.subscribe();
         match tokio::time::timeout(BARRIER_TIMEOUT, readable.wait_for(|r| *r >= index)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(Refusal::unavailable("this node did not catch up in time")),
+            Ok(Ok(_)) => {}
+            _ => return Err(Refusal::unavailable("this node did not catch up in time")),
         }
+        // Catching up may have restarted this node's log (it was behind a trim): its stream
+        // state is then missing until a peer's is installed.
+        self.check_state()
+    }
+
+    /// 503 while this node's stream state is missing.
+    pub fn check_state(&self) -> Result<(), Refusal> {
+        if self.shared.streams_missing.borrow().is_some() {
+            return Err(Refusal::unavailable(
+                "this node is fetching the stream state from a peer (its log restarted at the \
+                 leader's start); retry shortly or ask another node",
+            ));
+        }
+        Ok(())
     }
 
     /// On a follower, waits until this node applied every write acknowledged before the
@@ -246,6 +255,8 @@ fn node_error(shared: &Shared, e: RequestError) -> Refusal {
         }),
         RequestError::Overloaded(why) => Refusal::unavailable(format!("overloaded: {why}")),
         RequestError::Invalid(why) => Refusal::bad_request(why),
+        // The command may still commit (its leader lost office with it in flight).
+        RequestError::Unknown(why) => Refusal::unknown(why),
         e => Refusal::unavailable(e.to_string()),
     }
 }
@@ -279,11 +290,15 @@ impl Forwarder {
     }
 
     /// A peer's stream state and the index it was applied to.
-    async fn streams_state(&self, addr: &str) -> Result<(LogIndex, Bytes), String> {
+    async fn streams_state(
+        &self,
+        addr: &str,
+        at_least: LogIndex,
+    ) -> Result<(LogIndex, Bytes), String> {
         let channel = self.channel(addr)?;
         let mut client = raftwal_client::proto::forward_client::ForwardClient::new(channel)
             .max_decoding_message_size(usize::MAX);
-        let request = raftwal_client::proto::StreamsStateRequest {};
+        let request = raftwal_client::proto::StreamsStateRequest { at_least: at_least.0 };
         match tokio::time::timeout(FORWARD_TIMEOUT, client.streams_state(request)).await {
             Ok(Ok(r)) => {
                 let r = r.into_inner();
@@ -401,7 +416,7 @@ pub async fn fetch_streams(api: StreamsApi) {
             .collect();
         let mut why = Vec::new();
         for (peer, addr) in peers {
-            match api.forward.streams_state(&addr).await {
+            match api.forward.streams_state(&addr, at_least).await {
                 Ok((at, _)) if at < at_least => {
                     why.push(format!("node {peer} is applied only to {at}"));
                 }

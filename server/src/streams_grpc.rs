@@ -196,7 +196,7 @@ fn append_response(
             version,
             closed,
             duplicate: false,
-            first_offset: tail - added,
+            first_offset: tail.saturating_sub(added),
         }),
         StreamOutcome::Duplicate { tail, closed, .. } => Ok(proto::StreamAppendResponse {
             next_offset: tail,
@@ -221,6 +221,8 @@ impl StreamsService {
 
     /// Every record of the log from `from` (a log offset), as this node applied it.
     fn read_all(&self, from: u64, bytes_max: u64) -> Result<(Vec<AllRecord>, u64, bool), Status> {
+        // Without the stream state every stream record would look refused and be skipped.
+        self.api.check_state().map_err(refusal)?;
         let shared = &self.api.shared;
         let readable = *shared.readable.borrow();
         let lookup = |name: &str| self.api.view(name);
@@ -234,6 +236,8 @@ impl StreamsService {
             bytes_max,
         )
         .map_err(crate::api::read_status)?;
+        // A log restart during the walk drops the streams: what was skipped was not refused.
+        self.api.check_state().map_err(refusal)?;
         Ok((records, next.0, next > readable))
     }
 }
@@ -320,13 +324,18 @@ impl Streams for StreamsService {
         let producer = producer_of(r.producer)?;
         // JSON records are checked against the stream's mode as the client last wrote it.
         self.api.catch_up_if_follower().await.map_err(refusal)?;
-        let json = self.api.view(&r.name).is_some_and(|v| is_json(&v.content_type));
-        let messages = records_of(r.records, json)?;
+        self.api.check_state().map_err(refusal)?;
+        // Not there after the catch-up: it did not exist when the request came.
+        let Some(view) = self.api.view(&r.name) else {
+            return Err(Status::not_found("no such stream"));
+        };
+        let messages = records_of(r.records, is_json(&view.content_type))?;
         let added: u64 = messages.iter().map(|m| m.len() as u64).sum();
         let cmd = Command::Append {
             name: r.name,
             now_ms: UNSTAMPED,
-            content_type: None,
+            // The records were checked for this media type: the apply refuses another.
+            content_type: Some(view.content_type.clone()),
             messages,
             close: r.close,
             producer,
@@ -545,8 +554,14 @@ impl StreamsService {
             }
             view = match self.api.view(&name) {
                 Some(v) if !v.soft_deleted && v.incarnation == incarnation => v,
+                // Gone with this node's log restart (marked before the streams are dropped),
+                // not by a delete: the follower resumes on another node.
                 _ => {
-                    let _ = tx.send(Err(Status::not_found("the stream was deleted"))).await;
+                    let status = match self.api.check_state() {
+                        Err(r) => refusal(r),
+                        Ok(()) => Status::not_found("the stream was deleted"),
+                    };
+                    let _ = tx.send(Err(status)).await;
                     return;
                 }
             };

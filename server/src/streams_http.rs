@@ -837,6 +837,10 @@ impl StreamsApi {
         loop {
             let view = match self.view(name) {
                 Some(v) if !v.soft_deleted && v.incarnation == incarnation => v,
+                // Gone with this node's log restart (marked before the streams are dropped).
+                _ if self.check_state().is_err() => {
+                    return Refusal::unavailable("this node is fetching the stream state").into();
+                }
                 Some(v) if v.soft_deleted => {
                     return text(StatusCode::GONE, "the stream was deleted");
                 }
@@ -997,7 +1001,8 @@ impl StreamsApi {
                 _ = stopping.wait_for(|s| *s) => return,
             }
             match self.view(&name) {
-                // A deleted and re-created stream is another stream: this read ends.
+                // A deleted and re-created stream is another stream: this read ends (as it
+                // does when this node's log restarts and its streams go).
                 Some(v) if !v.soft_deleted && v.incarnation == incarnation => view = v,
                 _ => return,
             }

@@ -110,8 +110,10 @@ impl NodeCore {
         let last = self.raw.store().last_index();
         // Never past what is settled: a reader must not lose entries it may still read.
         let before = before.min(self.log.readable().next()).min(last.next());
-        // Never past a record a stream still reads (the same on every node: the state). A
-        // node whose state is missing cannot tell, and keeps its log.
+        // Never past a record a stream still reads. (A node whose state came from a checkpoint
+        // later than this trim pins by that later state, so it may compact further than its
+        // peers; the records its streams read stay either way.) A node whose state is missing
+        // cannot tell, and keeps its log.
         if self.streams_missing.is_some() {
             return Ok(());
         }

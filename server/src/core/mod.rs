@@ -61,9 +61,9 @@ pub enum Request {
     ReadIndex,
     /// A command on named streams, answered with what applying it did.
     Stream(streams::Command),
-    /// This node's stream state and the log index it was applied to (a peer whose log
-    /// restarted asks for it).
-    StreamsState,
+    /// This node's stream state and the log index it was applied to, if at least `at_least`
+    /// (a peer whose log restarted asks for it).
+    StreamsState { at_least: LogIndex },
     /// Install a peer's stream state, applied to `at` (this node's log restarted past the
     /// commands it came from).
     InstallStreams { at: LogIndex, state: Bytes },
@@ -331,6 +331,8 @@ pub struct NodeCore {
     streams_missing: Option<LogIndex>,
     /// Stream commands applied since the state was last saved.
     streams_unsaved: u64,
+    /// The size of the last saved state.
+    streams_saved_bytes: u64,
     members: Members,
     waiters: Waiters,
     writes: Writes,
@@ -384,6 +386,7 @@ impl NodeCore {
             streams_floor: LogIndex(0),
             streams_missing: None,
             streams_unsaved: 0,
+            streams_saved_bytes: 0,
             members,
             waiters: Waiters::default(),
             role: Role::Follower,
@@ -559,8 +562,8 @@ impl NodeCore {
             Request::Trim { before } => self.trim(id, before),
             Request::ReadIndex => self.read_index(id),
             Request::Stream(cmd) => self.stream(id, cmd),
-            Request::StreamsState => {
-                let outcome = self.streams_state();
+            Request::StreamsState { at_least } => {
+                let outcome = self.streams_state(at_least);
                 self.reply(id, outcome);
                 Ok(())
             }
@@ -767,7 +770,7 @@ impl NodeCore {
         let stalled_ms = self.writes.oldest_pending_ms().map(|t| self.now_ms.saturating_sub(t));
         let stalled = match stalled_ms {
             Some(ms) if bound > 0 && ms >= bound => Some(ms),
-            _ if self.disk_low
+            _ if (self.disk_low || self.streams_missing.is_some())
                 && self.low_disk_handover_ms.is_none_or(|t| {
                     self.now_ms.saturating_sub(t) >= LOW_DISK_HANDOVER_EVERY_MS
                 }) =>
@@ -795,7 +798,7 @@ impl NodeCore {
                  leadership to node {to}"
             );
             "disk_stall"
-        } else {
+        } else if self.disk_low {
             self.low_disk_handover_ms = Some(self.now_ms);
             tracing::warn!(
                 to = %to,
@@ -803,6 +806,14 @@ impl NodeCore {
                  handing leadership to node {to}"
             );
             "disk_low"
+        } else {
+            self.low_disk_handover_ms = Some(self.now_ms);
+            tracing::warn!(
+                to = %to,
+                "this leader's stream state is missing (it refuses stream commands until a \
+                 peer's is installed): handing leadership to node {to}"
+            );
+            "streams_missing"
         };
         metrics::counter!("raftwal_server_leader_handovers_total", "reason" => reason).increment(1);
         if let Err(e) = self.raw.transfer_leader(to) {

@@ -8,7 +8,7 @@ use raftwal_consensus::{EntryKind, LogIndex, LogStore};
 use super::{Action, Fatal, NodeCore, Outcome, Reply, RequestError, fatal, streams};
 use crate::envelope;
 
-/// Stream commands applied between two saves of the state at most.
+/// Stream commands applied between two saves of the state, at least.
 const SAVE_EVERY_COMMANDS: u64 = 200_000;
 
 /// Entries read at once while replaying the log after an install.
@@ -75,7 +75,11 @@ impl NodeCore {
     /// Saves the state when enough commands applied since the last save (the entry at `at`
     /// was the last applied).
     pub(super) fn save_streams_if_due(&mut self, at: LogIndex) {
-        if self.streams_unsaved >= SAVE_EVERY_COMMANDS {
+        // At least as many commands as the last save had bytes / 16 (one index entry each):
+        // each save rewrites the whole state, so saves get rarer as it grows and their total
+        // cost stays linear in what was applied.
+        let due = SAVE_EVERY_COMMANDS.max(self.streams_saved_bytes / 16);
+        if self.streams_unsaved >= due {
             self.save_streams(at);
         }
     }
@@ -86,17 +90,22 @@ impl NodeCore {
             return;
         }
         let at = at.max(self.streams_floor);
-        self.actions.push_back(Action::SaveStreams { at, state: self.streams.encode_state() });
+        let state = self.streams.encode_state();
+        self.streams_saved_bytes = state.len() as u64;
+        self.actions.push_back(Action::SaveStreams { at, state });
         self.streams_unsaved = 0;
     }
 
     /// This node's state for a peer, applied to the last applied entry (what
     /// [`super::Request::StreamsState`] answers).
-    pub fn streams_state(&self) -> Outcome {
+    pub fn streams_state(&self, at_least: LogIndex) -> Outcome {
         if self.streams_missing.is_some() {
             return Err(RequestError::Overloaded("this node's stream state is missing too"));
         }
         let at = self.log.applied().max(self.streams_floor);
+        if at < at_least {
+            return Err(RequestError::Overloaded("this node has not applied that far yet"));
+        }
         Ok(Reply::StreamsState { at, state: self.streams.encode_state() })
     }
 
@@ -133,7 +142,10 @@ impl NodeCore {
                 .entries(next..end, u64::MAX)
                 .map_err(|e| fatal("replay stream commands")(e.into()))?;
             if entries.is_empty() {
-                break;
+                // The log holds every entry up to what was applied: a gap is a broken store.
+                return Err(fatal("replay stream commands")(raftwal_consensus::Error::Store(
+                    raftwal_consensus::StoreError::Unavailable { index: next },
+                )));
             }
             for e in entries {
                 next = e.index.next();

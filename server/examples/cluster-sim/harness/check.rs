@@ -80,11 +80,35 @@ impl Sim {
     /// of what the node that applied the most holds); and that node holds every message a
     /// writer was told was appended.
     fn check_named_streams(&mut self, v: &mut Vec<String>) {
+        // Every node got a stream state back (3 s after healing), and nodes applied to the same
+        // index hold the same state, producers and all.
+        let mut states: BTreeMap<LogIndex, (u64, Bytes)> = BTreeMap::new();
+        for n in &self.nodes {
+            let Some(l) = n.live.as_ref() else { continue };
+            if l.streams_missing.is_some() {
+                v.push(format!("node {}: its stream state is still missing at the end", n.id));
+                continue;
+            }
+            if let Ok(Reply::StreamsState { at, state }) = l.core.streams_state(LogIndex(0)) {
+                match states.get(&at) {
+                    Some((other, s)) if *s != state => v.push(format!(
+                        "nodes {other} and {} hold different stream states applied to {at}",
+                        n.id
+                    )),
+                    Some(_) => {}
+                    None => {
+                        states.insert(at, (n.id.0, state));
+                    }
+                }
+            }
+        }
         for k in 0..self.named.len() {
             let (name, acked) = (self.named[k].stream.clone(), self.named[k].acked.clone());
             let mut lists: Vec<(LogIndex, u64, Vec<String>)> = Vec::new();
             for n in &self.nodes {
-                let Some(l) = n.live.as_ref() else { continue };
+                let Some(l) = n.live.as_ref().filter(|l| l.streams_missing.is_none()) else {
+                    continue;
+                };
                 let Some(view) = l.streams.get(&name) else {
                     lists.push((l.readable, n.id.0, Vec::new()));
                     continue;

@@ -55,7 +55,7 @@ pub struct Options {
     pub faults: bool,
     /// Stall the leader's disk at this time for this long (ms): its writes do not complete.
     pub stall_leader: Option<(u64, u64)>,
-    /// Writers of named streams too (trims are then refused: the log holds streams).
+    /// Writers of named streams too (trims then stop at the first record a stream reads).
     pub named: bool,
 }
 

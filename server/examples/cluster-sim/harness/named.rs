@@ -185,7 +185,7 @@ impl Sim {
             };
             let readable = self.nodes[i].live.as_ref().map_or(LogIndex(0), |l| l.readable);
             let offer = (0..self.nodes.len()).filter(|&j| j != i).find_map(|j| {
-                match self.nodes[j].live.as_ref()?.core.streams_state() {
+                match self.nodes[j].live.as_ref()?.core.streams_state(need) {
                     Ok(Reply::StreamsState { at, state }) if at >= need && at <= readable => {
                         Some((at, state))
                     }
