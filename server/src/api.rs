@@ -411,6 +411,24 @@ fn trimmed(from: LogIndex, first: LogIndex) -> Status {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// What a live follow waits for when it has sent everything: `changed` (more to read), its
+/// receiver leaving, or the node stopping (the receiver then hears where to go). False: end
+/// the follow.
+pub(crate) async fn wait_for_more<T>(
+    changed: impl std::future::Future<Output = Result<(), watch::error::RecvError>>,
+    tx: &mpsc::Sender<Result<T, Status>>,
+    stopping: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        changed = changed => changed.is_ok(),
+        () = tx.closed() => false,
+        () = async { let _ = stopping.wait_for(|s| *s).await; } => {
+            let _ = tx.send(Err(Status::unavailable("the node is stopping; resume elsewhere"))).await;
+            false
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Log for Api {
     async fn append(
@@ -562,15 +580,8 @@ impl Log for Api {
                         return;
                     }
                 }
-                if !progressed {
-                    tokio::select! {
-                        changed = readable.changed() => if changed.is_err() { return },
-                        () = tx.closed() => return,
-                        () = async { let _ = stopping.wait_for(|s| *s).await; } => {
-                            let _ = tx.send(Err(Status::unavailable("the node is stopping; resume elsewhere"))).await;
-                            return;
-                        }
-                    }
+                if !progressed && !wait_for_more(readable.changed(), &tx, &mut stopping).await {
+                    return;
                 }
             }
         });

@@ -20,6 +20,7 @@ use raftwal_client::{
     TRAILER_STREAM_VERSION,
 };
 
+use crate::api::wait_for_more;
 use crate::core::streams::{self, Command, CreateSpec, ProducerTuple, StreamOutcome, StreamView};
 use crate::read::{self, AllRecord, StreamMessage};
 use crate::streams_api::{Refusal, StreamsApi, UNSTAMPED, now_ms};
@@ -542,15 +543,8 @@ impl StreamsService {
                     return;
                 }
             }
-            if !progressed {
-                tokio::select! {
-                    changed = changed.changed() => if changed.is_err() { return },
-                    () = tx.closed() => return,
-                    () = async { let _ = stopping.wait_for(|s| *s).await; } => {
-                        let _ = tx.send(Err(Status::unavailable("the node is stopping; resume elsewhere"))).await;
-                        return;
-                    }
-                }
+            if !progressed && !wait_for_more(changed.changed(), &tx, &mut stopping).await {
+                return;
             }
             view = match self.api.view(&name) {
                 Some(v) if !v.soft_deleted && v.incarnation == incarnation => v,
@@ -596,15 +590,8 @@ impl StreamsService {
                     return;
                 }
             }
-            if !progressed {
-                tokio::select! {
-                    changed = readable.changed() => if changed.is_err() { return },
-                    () = tx.closed() => return,
-                    () = async { let _ = stopping.wait_for(|s| *s).await; } => {
-                        let _ = tx.send(Err(Status::unavailable("the node is stopping; resume elsewhere"))).await;
-                        return;
-                    }
-                }
+            if !progressed && !wait_for_more(readable.changed(), &tx, &mut stopping).await {
+                return;
             }
         }
     }

@@ -427,36 +427,14 @@ impl Streams {
                     b.put_u64_le(index.0);
                 }
             }
-            put_str(&mut b, &s.spec.content_type);
-            put_opt_u64(&mut b, s.spec.ttl_secs);
-            put_opt_expiry(&mut b, s.spec.expires_at.as_ref());
-            b.put_u8(u8::from(s.spec.closed));
-            match &s.spec.fork {
-                Some(f) => {
-                    b.put_u8(1);
-                    put_str(&mut b, &f.from);
-                    b.put_u64_le(f.from_incarnation.0);
-                    b.put_u64_le(f.offset);
-                    b.put_u8(u8::from(f.offset_given));
-                    b.put_u64_le(f.sub_offset);
-                }
-                None => b.put_u8(0),
-            }
+            put_spec(&mut b, &s.spec);
             b.put_u32_le(s.producers.len() as u32);
             for (id, (epoch, seq)) in &s.producers {
                 put_str(&mut b, id);
                 b.put_u64_le(*epoch);
                 b.put_u64_le(*seq);
             }
-            match &s.closed_by {
-                Some(p) => {
-                    b.put_u8(1);
-                    put_str(&mut b, &p.id);
-                    b.put_u64_le(p.epoch);
-                    b.put_u64_le(p.seq);
-                }
-                None => b.put_u8(0),
-            }
+            put_opt_producer(&mut b, s.closed_by.as_ref());
             put_opt_str(&mut b, s.stream_seq.as_deref());
             b.put_u64_le(s.forks);
         }
@@ -494,31 +472,13 @@ impl Streams {
                 let end = r.u64()?;
                 index.push(end, LogIndex(r.u64()?));
             }
-            let spec_content_type = r.str()?;
-            let spec_ttl = r.opt_u64()?;
-            let spec_expires = r.opt_expiry()?;
-            let spec_closed = r.u8()? == 1;
-            let spec_fork = if r.u8()? == 1 {
-                Some(ForkSpec {
-                    from: r.str()?,
-                    from_incarnation: LogIndex(r.u64()?),
-                    offset: r.u64()?,
-                    offset_given: r.u8()? == 1,
-                    sub_offset: r.u64()?,
-                })
-            } else {
-                None
-            };
+            let spec = r.spec()?;
             let mut producers = BTreeMap::new();
             for _ in 0..r.u32()? {
                 let id = r.str()?;
                 producers.insert(id, (r.u64()?, r.u64()?));
             }
-            let closed_by = if r.u8()? == 1 {
-                Some(ProducerTuple { id: r.str()?, epoch: r.u64()?, seq: r.u64()? })
-            } else {
-                None
-            };
+            let closed_by = r.opt_producer()?;
             let stream_seq = r.opt_str()?;
             let forks = r.u64()?;
             let view = StreamView {
@@ -535,13 +495,6 @@ impl Streams {
                 version,
                 fork,
                 index,
-            };
-            let spec = CreateSpec {
-                content_type: spec_content_type,
-                ttl_secs: spec_ttl,
-                expires_at: spec_expires,
-                closed: spec_closed,
-                fork: spec_fork,
             };
             let stream = Stream { view, spec, producers, closed_by, stream_seq, forks };
             out.changed.insert(name.clone(), ());
@@ -902,28 +855,7 @@ pub fn encode(kind: u8, cmd: &Command) -> Bytes {
             b.put_u8(CMD_CREATE);
             put_str(&mut b, name);
             b.put_u64_le(*now_ms);
-            put_str(&mut b, &spec.content_type);
-            put_opt_u64(&mut b, spec.ttl_secs);
-            match &spec.expires_at {
-                Some((s, ms)) => {
-                    b.put_u8(1);
-                    put_str(&mut b, s);
-                    b.put_u64_le(*ms);
-                }
-                None => b.put_u8(0),
-            }
-            b.put_u8(u8::from(spec.closed));
-            match &spec.fork {
-                Some(f) => {
-                    b.put_u8(1);
-                    put_str(&mut b, &f.from);
-                    b.put_u64_le(f.from_incarnation.0);
-                    b.put_u64_le(f.offset);
-                    b.put_u8(u8::from(f.offset_given));
-                    b.put_u64_le(f.sub_offset);
-                }
-                None => b.put_u8(0),
-            }
+            put_spec(&mut b, spec);
             put_messages(&mut b, messages);
         }
         Command::Append {
@@ -941,15 +873,7 @@ pub fn encode(kind: u8, cmd: &Command) -> Bytes {
             b.put_u64_le(*now_ms);
             put_opt_str(&mut b, content_type.as_deref());
             b.put_u8(u8::from(*close));
-            match producer {
-                Some(p) => {
-                    b.put_u8(1);
-                    put_str(&mut b, &p.id);
-                    b.put_u64_le(p.epoch);
-                    b.put_u64_le(p.seq);
-                }
-                None => b.put_u8(0),
-            }
+            put_opt_producer(&mut b, producer.as_ref());
             put_opt_str(&mut b, stream_seq.as_deref());
             put_opt_u64(&mut b, *expected_version);
             put_messages(&mut b, messages);
@@ -980,23 +904,8 @@ pub fn decode(data: &Bytes) -> Result<Command, Malformed> {
         CMD_CREATE => {
             let name = r.str()?;
             let now_ms = r.u64()?;
-            let content_type = r.str()?;
-            let ttl_secs = r.opt_u64()?;
-            let expires_at = if r.u8()? == 1 { Some((r.str()?, r.u64()?)) } else { None };
-            let closed = r.u8()? == 1;
-            let fork = if r.u8()? == 1 {
-                Some(ForkSpec {
-                    from: r.str()?,
-                    from_incarnation: LogIndex(r.u64()?),
-                    offset: r.u64()?,
-                    offset_given: r.u8()? == 1,
-                    sub_offset: r.u64()?,
-                })
-            } else {
-                None
-            };
+            let spec = r.spec()?;
             let messages = r.messages()?;
-            let spec = CreateSpec { content_type, ttl_secs, expires_at, closed, fork };
             Command::Create { name, now_ms, spec, messages }
         }
         CMD_APPEND => {
@@ -1004,11 +913,7 @@ pub fn decode(data: &Bytes) -> Result<Command, Malformed> {
             let now_ms = r.u64()?;
             let content_type = r.opt_str()?;
             let close = r.u8()? == 1;
-            let producer = if r.u8()? == 1 {
-                Some(ProducerTuple { id: r.str()?, epoch: r.u64()?, seq: r.u64()? })
-            } else {
-                None
-            };
+            let producer = r.opt_producer()?;
             let stream_seq = r.opt_str()?;
             let expected_version = r.opt_u64()?;
             let messages = r.messages()?;
@@ -1078,6 +983,37 @@ fn put_opt_expiry(b: &mut BytesMut, e: Option<&(String, u64)>) {
     }
 }
 
+fn put_opt_producer(b: &mut BytesMut, p: Option<&ProducerTuple>) {
+    match p {
+        Some(p) => {
+            b.put_u8(1);
+            put_str(b, &p.id);
+            b.put_u64_le(p.epoch);
+            b.put_u64_le(p.seq);
+        }
+        None => b.put_u8(0),
+    }
+}
+
+/// A create's settings: the same bytes in a command and in a checkpoint.
+fn put_spec(b: &mut BytesMut, spec: &CreateSpec) {
+    put_str(b, &spec.content_type);
+    put_opt_u64(b, spec.ttl_secs);
+    put_opt_expiry(b, spec.expires_at.as_ref());
+    b.put_u8(u8::from(spec.closed));
+    match &spec.fork {
+        Some(f) => {
+            b.put_u8(1);
+            put_str(b, &f.from);
+            b.put_u64_le(f.from_incarnation.0);
+            b.put_u64_le(f.offset);
+            b.put_u8(u8::from(f.offset_given));
+            b.put_u64_le(f.sub_offset);
+        }
+        None => b.put_u8(0),
+    }
+}
+
 fn put_messages(b: &mut BytesMut, messages: &[Bytes]) {
     b.put_u32_le(messages.len() as u32);
     for m in messages {
@@ -1125,6 +1061,33 @@ impl Reader<'_> {
 
     fn opt_str(&mut self) -> Result<Option<String>, Malformed> {
         Ok(if self.u8()? == 1 { Some(self.str()?) } else { None })
+    }
+
+    fn opt_producer(&mut self) -> Result<Option<ProducerTuple>, Malformed> {
+        Ok(if self.u8()? == 1 {
+            Some(ProducerTuple { id: self.str()?, epoch: self.u64()?, seq: self.u64()? })
+        } else {
+            None
+        })
+    }
+
+    fn spec(&mut self) -> Result<CreateSpec, Malformed> {
+        let content_type = self.str()?;
+        let ttl_secs = self.opt_u64()?;
+        let expires_at = self.opt_expiry()?;
+        let closed = self.u8()? == 1;
+        let fork = if self.u8()? == 1 {
+            Some(ForkSpec {
+                from: self.str()?,
+                from_incarnation: LogIndex(self.u64()?),
+                offset: self.u64()?,
+                offset_given: self.u8()? == 1,
+                sub_offset: self.u64()?,
+            })
+        } else {
+            None
+        };
+        Ok(CreateSpec { content_type, ttl_secs, expires_at, closed, fork })
     }
 
     fn opt_expiry(&mut self) -> Result<Option<(String, u64)>, Malformed> {
