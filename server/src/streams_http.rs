@@ -313,17 +313,44 @@ fn sse_text(ct: &str) -> bool {
 /// A JSON body's messages: a top-level array is flattened one level; each element is kept
 /// as its JSON text, joined by commas into one message. `Ok(None)`: an empty array.
 fn json_message(body: &[u8]) -> Result<Option<Bytes>, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
-    let elements = match value {
-        serde_json::Value::Array(items) => items,
-        other => vec![other],
-    };
-    if elements.is_empty() {
-        return Ok(None);
+    let bad = |e: serde_json::Error| format!("the body is not valid JSON: {e}");
+    let mut out = Vec::with_capacity(body.len());
+    let array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if array {
+        // Each element's own text goes straight to the message: nothing is built per element,
+        // so a large array takes about its own size again, not a tree of values.
+        let mut de = serde_json::Deserializer::from_slice(body);
+        serde::Deserializer::deserialize_seq(&mut de, Flatten(&mut out)).map_err(bad)?;
+        de.end().map_err(bad)?;
+        if out.is_empty() {
+            return Ok(None);
+        }
+    } else {
+        let value: &serde_json::value::RawValue = serde_json::from_slice(body).map_err(bad)?;
+        out.extend_from_slice(value.get().as_bytes());
     }
-    let texts: Vec<String> = elements.iter().map(|v| v.to_string()).collect();
-    Ok(Some(Bytes::from(texts.join(","))))
+    Ok(Some(Bytes::from(out)))
+}
+
+/// Writes a JSON array's elements, as they are written, comma-separated.
+struct Flatten<'a>(&'a mut Vec<u8>);
+
+impl<'de> serde::de::Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(raw) = seq.next_element::<&'de serde_json::value::RawValue>()? {
+            if !self.0.is_empty() {
+                self.0.push(b',');
+            }
+            self.0.extend_from_slice(raw.get().as_bytes());
+        }
+        Ok(())
+    }
 }
 
 /// The body of a read: concatenated bytes, or one JSON array of every element.
@@ -1243,6 +1270,17 @@ mod tests {
         assert_eq!(json_message(b"\"s\""), Ok(Some(Bytes::from("\"s\""))));
         assert_eq!(json_message(b"[]"), Ok(None));
         assert!(json_message(b"{oops").is_err());
+        // Elements as written (a comma inside a string is not a separator); trailing bytes and
+        // a broken element are refused.
+        assert_eq!(
+            json_message(b" [ \"a,b\" , {\"x\": [1, 2]} ] "),
+            Ok(Some(Bytes::from("\"a,b\",{\"x\": [1, 2]}")))
+        );
+        assert!(json_message(b"[1] 2").is_err());
+        assert!(json_message(b"[1, {]").is_err());
+        let many: String = format!("[{}0]", "0,".repeat(100_000));
+        let flat = json_message(many.as_bytes()).expect("valid").expect("elements");
+        assert_eq!(flat.len(), many.len() - 2);
     }
 
     #[test]
