@@ -81,6 +81,9 @@ pub struct NodeConfig {
     pub streams_listen: String,
     /// How long a long-poll or an idle SSE read waits before answering, in milliseconds.
     pub stream_long_poll_ms: u64,
+    /// Named streams this node lets clients create, about (checked against this node's view
+    /// before a create is proposed: concurrent creates may pass it by a few).
+    pub streams_max: u64,
     /// The client API address other nodes hand to clients (defaults to `api_listen`).
     pub api_advertise: String,
     /// The other founding members (`ID@PEER_ADDR@API_ADDR`).
@@ -152,6 +155,7 @@ impl NodeConfig {
             http_listen: "127.0.0.1:7201".parse().expect("literal address"),
             streams_listen: String::new(),
             stream_long_poll_ms: 20_000,
+            streams_max: 1_000_000,
             api_advertise: String::new(),
             peers: Vec::new(),
             join: false,
@@ -222,6 +226,9 @@ impl NodeConfig {
             bail!("id: node id 0 is reserved");
         }
         self.streams_addr()?;
+        if self.streams_max == 0 {
+            bail!("streams_max must be > 0");
+        }
         if self.stream_long_poll_ms == 0 || self.stream_long_poll_ms > 600_000 {
             bail!("stream_long_poll_ms: {} is not within 1..=600000", self.stream_long_poll_ms);
         }

@@ -149,6 +149,7 @@ impl Node {
             driver.clone(),
             Duration::from_millis(cfg.stream_long_poll_ms),
             cfg.record_bytes_max,
+            cfg.streams_max,
             (!cfg.client_plaintext).then_some(&pem),
             shutdown_rx.clone(),
         );

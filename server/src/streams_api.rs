@@ -81,6 +81,8 @@ pub struct StreamsApi {
     pub(crate) long_poll: Duration,
     /// The most message bytes one command carries.
     pub(crate) body_bytes_max: u64,
+    /// Creates are refused once this node knows this many streams.
+    streams_max: u64,
     forward: Forwarder,
     /// Turns true when the node stops: live reads end.
     pub(crate) stopping: watch::Receiver<bool>,
@@ -94,6 +96,7 @@ impl StreamsApi {
         driver: DriverHandle,
         long_poll: Duration,
         record_bytes_max: u64,
+        streams_max: u64,
         tls: Option<&crate::node::TlsPem>,
         stopping: watch::Receiver<bool>,
     ) -> StreamsApi {
@@ -107,6 +110,7 @@ impl StreamsApi {
             driver,
             long_poll,
             body_bytes_max: messages_bytes_max(record_bytes_max),
+            streams_max,
             forward: Forwarder { tls, channels: Default::default() },
             stopping,
         }
@@ -127,6 +131,22 @@ impl StreamsApi {
                  writes are refused until space comes back; reads go on",
             ));
         }
+        if let Command::Create { name, .. } = &cmd
+            && self.full(name).is_some()
+        {
+            // A follower may not have applied deletes a client already saw acknowledged.
+            if !self.leads() {
+                self.barrier().await?;
+            }
+            if let Some(held) = self.full(name) {
+                return Err(Refusal::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!(
+                        "this cluster holds {held} streams, its limit (streams_max): delete some first"
+                    ),
+                ));
+            }
+        }
         let answer = match self.driver.request(NodeRequest::Stream(cmd.clone())) {
             Ok(rx) => rx.await,
             Err(e) => Ok(Err(e)),
@@ -146,6 +166,13 @@ impl StreamsApi {
             Ok(Err(e)) => Err(node_error(&self.shared, e)),
             Err(_) => Err(Refusal::unknown("the node stopped; the outcome is unknown")),
         }
+    }
+
+    /// How many streams there are, if no new one `name` may be created (`streams_max`).
+    fn full(&self, name: &str) -> Option<usize> {
+        let streams = self.shared.streams.read();
+        (streams.len() as u64 >= self.streams_max && !streams.contains_key(name))
+            .then_some(streams.len())
     }
 
     /// A ReadIndex round, then this node applied everything it confirmed.

@@ -427,3 +427,19 @@ async fn an_expired_stream_is_swept_from_every_node() {
     assert_eq!(known(&c), 0, "swept within 10 s of a 2 s time to live");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creates_beyond_streams_max_are_refused_and_deletes_make_room() {
+    let c = Cluster::start_with(3, 0, |_, cfg| cfg.streams_max = 2).await;
+    let (leader, follower) = leader_and_follower(&c).await;
+    assert_eq!(http(leader, "PUT", "/a", &[TEXT], b"").await.status, 201);
+    assert_eq!(http(follower, "PUT", "/b", &[TEXT], b"").await.status, 201);
+    let full = http(follower, "PUT", "/c", &[TEXT], b"").await;
+    assert_eq!(full.status, 507, "{full:?}");
+    assert!(String::from_utf8_lossy(&full.body).contains("streams_max"));
+    // An existing stream's create is still confirmed, and a delete makes room.
+    assert_eq!(http(leader, "PUT", "/a", &[TEXT], b"").await.status, 200);
+    assert_eq!(http(leader, "DELETE", "/b", &[], b"").await.status, 204);
+    assert_eq!(http(follower, "PUT", "/c", &[TEXT], b"").await.status, 201);
+    c.shutdown().await;
+}
