@@ -40,6 +40,9 @@ struct Api {
     driver: DriverHandle,
     limits: Limits,
     followers: Arc<Semaphore>,
+    /// One `Forward.StreamsState` at a time: each encodes the whole stream state on the
+    /// driver's thread, so a flood of them must not stall it.
+    state_permit: Arc<Semaphore>,
     /// Turns true when the node stops: long-lived streams end so clients resume elsewhere.
     stopping: watch::Receiver<bool>,
 }
@@ -76,6 +79,7 @@ pub fn serve(
             disk_free_min_bytes: cfg.disk_free_min_bytes,
         },
         followers: Arc::new(Semaphore::new(cfg.followers_max as usize)),
+        state_permit: Arc::new(Semaphore::new(1)),
         stopping: shutdown.clone(),
     };
     let message_bytes_max = (cfg.request_bytes_max as usize).saturating_add(1 << 20);
@@ -159,6 +163,9 @@ impl raftwal_client::proto::forward_server::Forward for Api {
         request: Request<proto::StreamsStateRequest>,
     ) -> Result<Response<proto::StreamsStateResponse>, Status> {
         let at_least = LogIndex(request.into_inner().at_least);
+        let _permit = self.state_permit.try_acquire().map_err(|_| {
+            Status::resource_exhausted("another peer's stream state is being sent; retry")
+        })?;
         let rx = self.submit(NodeRequest::StreamsState { at_least })?;
         match rx.await {
             Ok(Ok(Reply::StreamsState { at, state })) => {
