@@ -299,8 +299,9 @@ pub fn clear_repair_floor(dir: &dyn Storage) -> std::io::Result<()> {
 pub const STREAMS_FILE: &str = "streams";
 
 const STREAMS_MAGIC: &[u8; 8] = b"RWSTRM01";
-/// A checkpoint larger than this is damage, not a state this node wrote.
-const STREAMS_BYTES_MAX: u64 = 4 << 30;
+/// A checkpoint larger than this is damage, not a state this node wrote; a peer's state larger
+/// than this is refused too.
+pub const STREAMS_BYTES_MAX: u64 = 4 << 30;
 
 /// Reads the stream checkpoint. A damaged one is reported as one (the node then fetches a
 /// peer's state rather than refusing to start).

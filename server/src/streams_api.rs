@@ -324,7 +324,7 @@ impl Forwarder {
     ) -> Result<(LogIndex, Bytes), String> {
         let channel = self.channel(addr)?;
         let mut client = raftwal_client::proto::forward_client::ForwardClient::new(channel)
-            .max_decoding_message_size(usize::MAX);
+            .max_decoding_message_size(crate::store::STREAMS_BYTES_MAX as usize);
         let request = raftwal_client::proto::StreamsStateRequest { at_least: at_least.0 };
         match tokio::time::timeout(FORWARD_TIMEOUT, client.streams_state(request)).await {
             Ok(Ok(r)) => {

@@ -357,8 +357,9 @@ impl Streams {
         Streams { skip_dedup: planted_skip_dedup, ..Streams::default() }
     }
 
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
+    /// Whether there are none (the state machine's tests ask).
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
 
