@@ -46,17 +46,8 @@ pub struct Follow {
 
 impl Follow {
     pub(crate) fn new(shared: Arc<Shared>, from_offset: Offset) -> Follow {
-        let backoff = shared.backoff();
-        let target = shared.router.target(Route::Any);
-        let follower = Follower {
-            shared,
-            next: from_offset,
-            target,
-            stream: None,
-            failures: 0,
-            backoff,
-            last: String::new(),
-        };
+        let follower =
+            Follower { next: from_offset, stream: None, reconnect: Reconnect::new(shared) };
         Follow { next: from_offset, follower: Some(follower), step: None }
     }
 
@@ -105,65 +96,48 @@ impl Stream for Follow {
 ///
 /// Invariant: every record yielded so far has an offset below `next`.
 struct Follower {
-    shared: Arc<Shared>,
     next: Offset,
-    target: Target,
     stream: Option<Streaming<proto::FollowResponse>>,
+    reconnect: Reconnect,
+}
+
+/// Which node a follow reads from, and how it moves on after a failure: to the next node (or
+/// the one a refusal names), pausing with backoff, giving up after `retries_max` failures in a
+/// row without an event. [`Follow`] and [`crate::StreamFollow`] share it.
+#[derive(Debug)]
+pub(crate) struct Reconnect {
+    shared: Arc<Shared>,
+    pub(crate) target: Target,
     /// Failed attempts since the last event.
     failures: u32,
     backoff: Backoff,
-    last: String,
 }
 
-impl Follower {
-    async fn next_event(mut self) -> Step {
-        loop {
-            let Some(stream) = self.stream.as_mut() else {
-                if let Err(error) = self.open().await {
-                    return (Some(Err(error)), self);
-                }
-                continue;
-            };
-            match stream.message().await {
-                Ok(Some(message)) => {
-                    self.failures = 0;
-                    self.backoff.reset();
-                    if let Some(event) = self.accept(message) {
-                        return (Some(Ok(event)), self);
-                    }
-                }
-                Ok(None) => {
-                    let reason = format!("{}: the server ended the stream", self.target.url);
-                    if let Err(error) = self.failed(reason).await {
-                        return (Some(Err(error)), self);
-                    }
-                }
-                Err(status) => {
-                    let reason = format!("{}: {}", self.target.url, describe(&status));
-                    if let Verdict::Final(error) = classify(status) {
-                        return (Some(Err(error)), self);
-                    }
-                    if let Err(error) = self.failed(reason).await {
-                        return (Some(Err(error)), self);
-                    }
-                }
-            }
-        }
+impl Reconnect {
+    pub(crate) fn new(shared: Arc<Shared>) -> Reconnect {
+        let backoff = shared.backoff();
+        let target = shared.router.target(Route::Any);
+        Reconnect { shared, target, failures: 0, backoff }
     }
 
-    /// Opens a server stream from `next` on the current node; on failure, counts it and
-    /// moves to the next node.
-    async fn open(&mut self) -> Result<(), ClientError> {
+    /// An event came: the failures in a row start again.
+    pub(crate) fn event(&mut self) {
+        self.failures = 0;
+        self.backoff.reset();
+    }
+
+    /// Opens the server stream with `call` on the current node, bounded by `request_timeout`;
+    /// on failure, counts it and moves on (`Ok(None)`: try again), or ends with a final error.
+    pub(crate) async fn open<T>(
+        &mut self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<Option<T>, ClientError> {
         // No grpc-timeout: a deadline would end the (endless) stream; only its opening is
         // bounded, and keep-alive pings find a dead connection under an idle stream.
-        let request = tonic::Request::new(proto::FollowRequest { from_offset: self.next.get() });
-        let mut client = crate::log_client(self.target.channel.clone());
-        let call = client.follow(request);
         let reason = match tokio::time::timeout(self.shared.config.request_timeout, call).await {
             Ok(Ok(response)) => {
                 self.shared.router.confirm(Route::Any, self.target.index);
-                self.stream = Some(response.into_inner());
-                return Ok(());
+                return Ok(Some(response.into_inner()));
             }
             Ok(Err(status)) => {
                 let reason = format!("{}: {}", self.target.url, describe(&status));
@@ -183,24 +157,65 @@ impl Follower {
                 format!("{}: the follow did not start within request_timeout", self.target.url)
             }
         };
+        self.failed(reason).await.map(|()| None)
+    }
+
+    /// A server stream failed with `status`: a final error, or `Ok` to reconnect.
+    pub(crate) async fn broken(&mut self, status: tonic::Status) -> Result<(), ClientError> {
+        let reason = format!("{}: {}", self.target.url, describe(&status));
+        if let Verdict::Final(error) = classify(status) {
+            return Err(error);
+        }
         self.failed(reason).await
     }
 
-    /// Drops the stream, moves to the next node and pauses; gives up after `retries_max`
-    /// failures in a row.
+    /// The server ended the stream.
+    pub(crate) async fn ended(&mut self) -> Result<(), ClientError> {
+        let reason = format!("{}: the server ended the stream", self.target.url);
+        self.failed(reason).await
+    }
+
+    /// Moves to the next node and pauses; gives up after `retries_max` failures in a row.
     async fn failed(&mut self, reason: String) -> Result<(), ClientError> {
-        self.stream = None;
         self.failures += 1;
-        self.last = reason;
         if self.failures > self.shared.config.retries_max {
-            return Err(ClientError::Unavailable {
-                attempts: self.failures,
-                last: self.last.clone(),
-            });
+            return Err(ClientError::Unavailable { attempts: self.failures, last: reason });
         }
         self.target = self.shared.router.advance(Route::Any, self.target.index);
         self.backoff.wait().await;
         Ok(())
+    }
+}
+
+impl Follower {
+    async fn next_event(mut self) -> Step {
+        loop {
+            let Some(stream) = self.stream.as_mut() else {
+                let request =
+                    tonic::Request::new(proto::FollowRequest { from_offset: self.next.get() });
+                let mut client = crate::log_client(self.reconnect.target.channel.clone());
+                match self.reconnect.open(client.follow(request)).await {
+                    Ok(stream) => self.stream = stream,
+                    Err(error) => return (Some(Err(error)), self),
+                }
+                continue;
+            };
+            let failed = match stream.message().await {
+                Ok(Some(message)) => {
+                    self.reconnect.event();
+                    if let Some(event) = self.accept(message) {
+                        return (Some(Ok(event)), self);
+                    }
+                    continue;
+                }
+                Ok(None) => self.reconnect.ended().await,
+                Err(status) => self.reconnect.broken(status).await,
+            };
+            self.stream = None;
+            if let Err(error) = failed {
+                return (Some(Err(error)), self);
+            }
+        }
     }
 
     /// Turns a server message into an event, dropping any record at or below one already

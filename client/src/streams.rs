@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use tonic::codec::Streaming;
 
-use crate::backoff::Backoff;
-use crate::call::{Effect, Shared};
+use crate::call::Effect;
 use crate::client::Client;
-use crate::error::{ClientError, Verdict, classify, describe};
+use crate::error::ClientError;
+use crate::follow::Reconnect;
 use crate::proto;
 use crate::proto::stream_follow_response::Event;
-use crate::router::{Route, Target};
+use crate::router::Route;
 
 /// Options of one stream append.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -106,15 +106,11 @@ impl Client {
 
     /// Follows stream `name` (empty: all) from `from_offset`. See [`StreamFollow`].
     pub fn follow_stream(&self, name: &str, from_offset: u64) -> StreamFollow {
-        let shared = Arc::clone(&self.shared);
         StreamFollow {
-            backoff: shared.backoff(),
-            target: shared.router.target(Route::Any),
-            shared,
+            reconnect: Reconnect::new(Arc::clone(&self.shared)),
             name: name.to_owned(),
             next: from_offset,
             stream: None,
-            failures: 0,
             ended: false,
         }
     }
@@ -208,14 +204,11 @@ pub enum StreamEvent {
 /// [`ClientError::Unavailable`]); nothing repeats or goes back.
 #[derive(Debug)]
 pub struct StreamFollow {
-    shared: Arc<Shared>,
     name: String,
     /// Every record before this was yielded (a stream offset, or a log offset for all).
     next: u64,
-    target: Target,
     stream: Option<Streaming<proto::StreamFollowResponse>>,
-    failures: u32,
-    backoff: Backoff,
+    reconnect: Reconnect,
     ended: bool,
 }
 
@@ -241,67 +234,28 @@ impl StreamFollow {
     async fn next_inner(&mut self) -> Result<StreamEvent, ClientError> {
         loop {
             let Some(stream) = self.stream.as_mut() else {
-                self.open().await?;
+                let request = tonic::Request::new(proto::StreamFollowRequest {
+                    name: self.name.clone(),
+                    from_offset: self.next,
+                });
+                let mut client = crate::streams_client(self.reconnect.target.channel.clone());
+                self.stream = self.reconnect.open(client.follow(request)).await?;
                 continue;
             };
-            match stream.message().await {
+            let failed = match stream.message().await {
                 Ok(Some(message)) => {
-                    self.failures = 0;
-                    self.backoff.reset();
+                    self.reconnect.event();
                     if let Some(event) = self.accept(message) {
                         return Ok(event);
                     }
+                    continue;
                 }
-                Ok(None) => {
-                    self.failed(format!("{}: the server ended the follow", self.target.url))
-                        .await?;
-                }
-                Err(status) => {
-                    let reason = format!("{}: {}", self.target.url, describe(&status));
-                    if let Verdict::Final(error) = classify(status) {
-                        return Err(error);
-                    }
-                    self.failed(reason).await?;
-                }
-            }
+                Ok(None) => self.reconnect.ended().await,
+                Err(status) => self.reconnect.broken(status).await,
+            };
+            self.stream = None;
+            failed?;
         }
-    }
-
-    async fn open(&mut self) -> Result<(), ClientError> {
-        // No deadline on the (endless) stream; only its opening is bounded.
-        let request = tonic::Request::new(proto::StreamFollowRequest {
-            name: self.name.clone(),
-            from_offset: self.next,
-        });
-        let mut client = crate::streams_client(self.target.channel.clone());
-        let call = client.follow(request);
-        let reason = match tokio::time::timeout(self.shared.config.request_timeout, call).await {
-            Ok(Ok(response)) => {
-                self.shared.router.confirm(Route::Any, self.target.index);
-                self.stream = Some(response.into_inner());
-                return Ok(());
-            }
-            Ok(Err(status)) => {
-                let reason = format!("{}: {}", self.target.url, describe(&status));
-                if let Verdict::Final(error) = classify(status) {
-                    return Err(error);
-                }
-                reason
-            }
-            Err(_) => format!("{}: the follow did not start in time", self.target.url),
-        };
-        self.failed(reason).await
-    }
-
-    async fn failed(&mut self, reason: String) -> Result<(), ClientError> {
-        self.stream = None;
-        self.failures += 1;
-        if self.failures > self.shared.config.retries_max {
-            return Err(ClientError::Unavailable { attempts: self.failures, last: reason });
-        }
-        self.target = self.shared.router.advance(Route::Any, self.target.index);
-        self.backoff.wait().await;
-        Ok(())
     }
 
     fn accept(&mut self, message: proto::StreamFollowResponse) -> Option<StreamEvent> {
